@@ -1,0 +1,126 @@
+//! The command line: `run` the daemon, or `check-config` before deploying.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// Receives Sinch postbacks, commits them durably, delivers them to internal webhooks.
+#[derive(Debug, Parser)]
+#[command(name = "postback-relay", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "RELAY_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay until SIGTERM or SIGINT.
+    Run {
+        /// The YAML config file (`RELAY_*` environment variables override it).
+        #[arg(long, short, default_value = "config/relay.yaml")]
+        config: PathBuf,
+    },
+    /// Load and validate a config file, print a summary, and exit (non-zero if invalid).
+    CheckConfig {
+        /// The YAML config file.
+        #[arg(long, short, default_value = "config/relay.yaml")]
+        config: PathBuf,
+    },
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(loaded) => {
+                println!(
+                    "{}: OK ({} targets, {} routes, store {} with sync={})",
+                    config.display(),
+                    loaded.targets.len(),
+                    loaded.routes.len(),
+                    loaded.store.path.display(),
+                    loaded.store.sync
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let loaded = match Config::load(&config) {
+                Ok(loaded) => loaded,
+                Err(err) => {
+                    eprintln!("{err}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("cannot start the tokio runtime");
+            match runtime.block_on(run(loaded)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    eprintln!("postback-relay: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Starts the relay and stops it gracefully on SIGTERM or SIGINT.
+async fn run(config: Config) -> anyhow::Result<()> {
+    let relay = crate::relay::start(config).await?;
+    let token: CancellationToken = relay.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; draining");
+        token.cancel();
+    });
+    relay.wait().await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    tokio::select! {
+        _ = terminate.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,582 @@
+//! Configuration: one YAML file plus `RELAY_`-prefixed environment overrides,
+//! loaded with figment and validated completely before anything starts.
+//!
+//! Every struct here is the reference for the README's config table: each field's
+//! doc comment says why the knob exists. Unknown keys are rejected so that a typo
+//! never silently falls back to a default.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Yaml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+
+/// A duration written the human way (`500ms`, `10s`, `5m`, `24h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|err| {
+                serde::de::Error::custom(format!(
+                    "invalid duration `{text}` ({err}); write it like `500ms`, `10s`, `5m` or `24h`"
+                ))
+            })
+    }
+}
+
+/// One value or a list of them, so that `keyword: stop` and `keyword: [stop, end]`
+/// both read naturally in YAML.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Raw::deserialize(deserializer)? {
+            Raw::One(value) => OneOrMany(vec![value]),
+            Raw::Many(values) => OneOrMany(values),
+        })
+    }
+}
+
+/// The whole configuration of one relay process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Public address Sinch posts to.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Private address for `/metrics`, `/healthz` and `/readyz`; keep it off the internet.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// How postbacks are accepted.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// Where accepted postbacks and pending deliveries live.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// How the CloudEvents envelope is labelled.
+    #[serde(default)]
+    pub envelope: EnvelopeConfig,
+    /// Defaults for every target; each target may override them.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Internal services (or files) postbacks are delivered to, by name.
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetConfig>,
+    /// Ordered routing rules: first match wins unless a route says `continue: true`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// The public side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// The one URL path Sinch is given; anything else is 404.
+    #[serde(default = "default_ingest_path")]
+    pub path: String,
+    /// Bodies above this size are refused with 413 before they are read in full.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// A postback seen again within this window (a Sinch retry) is answered 200
+    /// and not delivered twice.
+    #[serde(default = "default_dedupe_window")]
+    pub dedupe_window: HumanDuration,
+    /// An idle keep-alive connection is kept at least this long, because Sinch
+    /// sends every postback of an account over one persistent connection.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            path: default_ingest_path(),
+            max_body_bytes: default_max_body_bytes(),
+            dedupe_window: default_dedupe_window(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+
+/// The embedded SQLite store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Database file; its directory is created when missing.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// `full` fsyncs before every 200 (survives power loss); `normal` survives a
+    /// process crash but may lose the last commits on power loss.
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// How long a commit waits for a lock held by another process (a backup, an
+    /// operator's sqlite3 shell) before the postback is answered 503.
+    #[serde(default = "default_busy_timeout")]
+    pub busy_timeout: HumanDuration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: default_store_path(),
+            sync: SyncMode::default(),
+            busy_timeout: default_busy_timeout(),
+        }
+    }
+}
+
+/// SQLite's `synchronous` setting, named for what it promises.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync on every commit: an acknowledged postback survives a power cut.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a process crash, not a power cut.
+    Normal,
+}
+
+/// CloudEvents attributes that are the operator's to choose.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeConfig {
+    /// The CloudEvents `source` attribute.
+    #[serde(default = "default_source")]
+    pub source: String,
+}
+
+impl Default for EnvelopeConfig {
+    fn default() -> Self {
+        EnvelopeConfig {
+            source: default_source(),
+        }
+    }
+}
+
+/// Delivery defaults shared by all targets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Time allowed for one delivery attempt, connect included.
+    #[serde(default = "default_delivery_timeout")]
+    pub timeout: HumanDuration,
+    /// Deliveries in flight at once to one target.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Attempts before a delivery becomes a dead letter.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Age after which a delivery becomes a dead letter, however few attempts it had.
+    #[serde(default = "default_max_age")]
+    pub max_age: HumanDuration,
+    /// Exponential backoff between attempts.
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            timeout: default_delivery_timeout(),
+            concurrency: default_concurrency(),
+            max_attempts: default_max_attempts(),
+            max_age: default_max_age(),
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// Upper bound of the first retry delay.
+    #[serde(default = "default_backoff_initial")]
+    pub initial: HumanDuration,
+    /// Cap on any single retry delay.
+    #[serde(default = "default_backoff_max")]
+    pub max: HumanDuration,
+    /// Growth factor of the delay bound per attempt.
+    #[serde(default = "default_backoff_multiplier")]
+    pub multiplier: f64,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: default_backoff_initial(),
+            max: default_backoff_max(),
+            multiplier: default_backoff_multiplier(),
+        }
+    }
+}
+
+/// Per-target overrides of [`BackoffConfig`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffOverride {
+    /// Overrides `delivery.backoff.initial`.
+    pub initial: Option<HumanDuration>,
+    /// Overrides `delivery.backoff.max`.
+    pub max: Option<HumanDuration>,
+    /// Overrides `delivery.backoff.multiplier`.
+    pub multiplier: Option<f64>,
+}
+
+/// What a target is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// An HTTP(S) webhook.
+    #[default]
+    Http,
+    /// A local file that receives one JSON line per postback.
+    File,
+}
+
+/// What a target receives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadKind {
+    /// The CloudEvents envelope (`application/cloudevents+json`).
+    #[default]
+    Envelope,
+    /// The original Sinch body with its original Content-Type, for services
+    /// that already parse Sinch XML.
+    Raw,
+}
+
+/// One delivery target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `http` (default) or `file`.
+    #[serde(default)]
+    pub kind: TargetKind,
+    /// For `http`: the webhook URL (http or https).
+    pub url: Option<String>,
+    /// For `file`: the file that receives JSON lines.
+    pub path: Option<PathBuf>,
+    /// For `http`: extra request headers (an API key, a routing header).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `envelope` (default) or `raw`.
+    #[serde(default)]
+    pub payload: PayloadKind,
+    /// For `http`: a Standard Webhooks secret (`whsec_<base64>`); when set,
+    /// requests carry `webhook-id`, `webhook-timestamp` and `webhook-signature`.
+    pub secret: Option<String>,
+    /// Overrides `delivery.timeout`.
+    pub timeout: Option<HumanDuration>,
+    /// Overrides `delivery.concurrency`.
+    pub concurrency: Option<usize>,
+    /// Overrides `delivery.max_attempts`.
+    pub max_attempts: Option<u32>,
+    /// Overrides `delivery.max_age`.
+    pub max_age: Option<HumanDuration>,
+    /// Overrides parts of `delivery.backoff`.
+    #[serde(default)]
+    pub backoff: BackoffOverride,
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Shown in logs and the dry-run; defaults to `route-N`.
+    pub name: Option<String>,
+    /// What the postback must look like; an empty match matches everything.
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    /// Targets that receive a matching postback (fan-out).
+    pub targets: Vec<String>,
+    /// Keep evaluating later routes after this one matched.
+    #[serde(default, rename = "continue")]
+    pub continue_matching: bool,
+}
+
+/// Conditions of a route; all given conditions must hold, each is "any of".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Keywords, compared case-insensitively.
+    #[serde(default)]
+    pub keyword: OneOrMany,
+    /// Short codes or numbers the postback was sent to.
+    #[serde(default)]
+    pub to: OneOrMany,
+    /// Origins such as `MMS_MO` or `MMS_MT`.
+    #[serde(default)]
+    pub origin: OneOrMany,
+    /// Codes such as `N401` or `N102`.
+    #[serde(default)]
+    pub code: OneOrMany,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_ingest_path() -> String {
+    "/sinch/postback".to_owned()
+}
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_dedupe_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(24 * 3600))
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("data/relay.db")
+}
+fn default_busy_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_source() -> String {
+    "sinch:mms".to_owned()
+}
+fn default_delivery_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_concurrency() -> usize {
+    16
+}
+fn default_max_attempts() -> u32 {
+    15
+}
+fn default_max_age() -> HumanDuration {
+    HumanDuration(Duration::from_secs(24 * 3600))
+}
+fn default_backoff_initial() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_backoff_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+fn default_backoff_multiplier() -> f64 {
+    2.0
+}
+
+/// A configuration that cannot be used, with the key and the file to blame.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing, is not YAML, or a value has the wrong type or an unknown key.
+    #[error("invalid config {file}: {message}")]
+    Load {
+        /// The config file given on the command line.
+        file: String,
+        /// figment's message, which names the key path.
+        message: String,
+    },
+    /// The values parse but do not make sense together.
+    #[error("invalid config {file}: key `{key}`: {message}")]
+    Invalid {
+        /// The config file given on the command line.
+        file: String,
+        /// Dotted path of the offending key.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `file` with `RELAY_*` environment overrides, then validates it.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let shown = file.display().to_string();
+        if !file.is_file() {
+            return Err(ConfigError::Load {
+                file: shown,
+                message: "file not found".to_owned(),
+            });
+        }
+        let config: Config = Figment::new()
+            .merge(Yaml::file_exact(file))
+            .merge(Env::prefixed("RELAY_").split("__"))
+            .extract()
+            .map_err(|err| ConfigError::Load {
+                file: shown.clone(),
+                message: describe_figment_error(err),
+            })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                file: shown,
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Cross-field checks that serde cannot express; returns (key, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |key: String, message: String| Err((key, message));
+        if !self.ingest.path.starts_with('/') {
+            return fail("ingest.path".into(), "must start with `/`".into());
+        }
+        if self.ingest.max_body_bytes == 0 {
+            return fail("ingest.max_body_bytes".into(), "must be above 0".into());
+        }
+        if self.delivery.concurrency == 0 {
+            return fail("delivery.concurrency".into(), "must be at least 1".into());
+        }
+        if self.delivery.max_attempts == 0 {
+            return fail("delivery.max_attempts".into(), "must be at least 1".into());
+        }
+        if self.delivery.backoff.multiplier < 1.0 {
+            return fail(
+                "delivery.backoff.multiplier".into(),
+                "must be at least 1.0".into(),
+            );
+        }
+        for (name, target) in &self.targets {
+            target
+                .validate()
+                .or_else(|(field, message)| fail(format!("targets.{name}.{field}"), message))?;
+        }
+        let mut route_names = BTreeSet::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            let name = route_name(index, route);
+            if !route_names.insert(name.clone()) {
+                return fail(
+                    format!("routes[{index}].name"),
+                    format!("route name `{name}` is used twice"),
+                );
+            }
+            if route.targets.is_empty() {
+                return fail(
+                    format!("routes[{index}].targets"),
+                    "a route needs at least one target".into(),
+                );
+            }
+            for target in &route.targets {
+                if !self.targets.contains_key(target) {
+                    let known: Vec<&str> = self.targets.keys().map(String::as_str).collect();
+                    return fail(
+                        format!("routes[{index}].targets"),
+                        format!(
+                            "unknown target `{target}` (defined targets: {})",
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TargetConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: String| Err((key.to_owned(), message));
+        match self.kind {
+            TargetKind::Http => {
+                let Some(url) = &self.url else {
+                    return fail("url", "an http target needs a `url`".into());
+                };
+                match url.parse::<hyper::Uri>() {
+                    Ok(uri)
+                        if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                            && uri.host().is_some() => {}
+                    Ok(_) => {
+                        return fail(
+                            "url",
+                            format!("`{url}` is not an absolute http:// or https:// URL"),
+                        )
+                    }
+                    Err(err) => return fail("url", format!("`{url}` is not a URL: {err}")),
+                }
+                if self.path.is_some() {
+                    return fail("path", "`path` belongs to file targets".into());
+                }
+                for (header, value) in &self.headers {
+                    if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                        return fail("headers", format!("`{header}` is not a header name"));
+                    }
+                    if hyper::header::HeaderValue::from_str(value).is_err() {
+                        return fail("headers", format!("value of `{header}` is not valid"));
+                    }
+                }
+                if let Some(secret) = &self.secret {
+                    crate::delivery::signing::SigningKey::parse(secret)
+                        .map_err(|message| ("secret".to_owned(), message))?;
+                }
+            }
+            TargetKind::File => {
+                if self.path.is_none() {
+                    return fail("path", "a file target needs a `path`".into());
+                }
+                if self.url.is_some() {
+                    return fail("url", "`url` belongs to http targets".into());
+                }
+                if self.payload == PayloadKind::Raw {
+                    return fail(
+                        "payload",
+                        "file targets write envelopes (JSON lines) only".into(),
+                    );
+                }
+            }
+        }
+        if self.concurrency == Some(0) {
+            return fail("concurrency", "must be at least 1".into());
+        }
+        if self.max_attempts == Some(0) {
+            return fail("max_attempts", "must be at least 1".into());
+        }
+        if matches!(self.backoff.multiplier, Some(m) if m < 1.0) {
+            return fail("backoff.multiplier", "must be at least 1.0".into());
+        }
+        Ok(())
+    }
+}
+
+/// The name a route is known by: its own, or `route-N` (1-based).
+pub fn route_name(index: usize, route: &RouteConfig) -> String {
+    route
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("route-{}", index + 1))
+}
+
+/// figment's own message already names the key path and the file; one error per line.
+fn describe_figment_error(err: figment::Error) -> String {
+    // figment names keys by profile (`default.ingest.path`); users wrote `ingest.path`.
+    let lines: Vec<String> = err
+        .into_iter()
+        .map(|e| e.to_string().replace("for key \"default.", "for key \""))
+        .collect();
+    lines.join("; ")
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SyncMode::Full => "full",
+            SyncMode::Normal => "normal",
+        })
+    }
+}

@@ -1,0 +1,283 @@
+//! Delivery: one dispatcher per target drains that target's queue from the store,
+//! with its own concurrency, so a slow or dead target never delays another one
+//! or the ingest side.
+//!
+//! A dispatcher leases due jobs (never more than it has free slots), sends each
+//! on its own task, and records the outcome: delivered, retry at a time computed
+//! by [`retry::RetryPolicy`], or dead letter. Pending work lives in the store, so
+//! memory stays bounded however long the backlog.
+
+pub mod retry;
+pub mod signing;
+pub mod sink;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::header::{HeaderName, HeaderValue};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, TargetKind};
+use crate::metrics::Metrics;
+use crate::store::{now_ms, Job, Outcome, Store};
+use retry::{Next, RetryPolicy, Verdict};
+use signing::SigningKey;
+use sink::{FileSink, HttpClient, HttpSink, Sink};
+
+/// How often an idle dispatcher looks for jobs that came due (retries); new
+/// postbacks wake it at once.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Pause after the store refused a claim, so a broken disk is not hammered.
+const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// A configured target, resolved for delivery.
+pub struct Target {
+    /// Name from the config; also the metrics label.
+    pub name: String,
+    /// Where attempts go.
+    pub sink: Sink,
+    /// Limit of one attempt.
+    pub timeout: Duration,
+    /// Attempts in flight at once.
+    pub concurrency: usize,
+    /// Backoff and give-up limits.
+    pub policy: RetryPolicy,
+}
+
+impl Target {
+    /// How long a claimed job stays invisible to other claims: long enough for
+    /// the attempt and its bookkeeping, short enough to recover a crashed worker.
+    pub fn lease(&self) -> Duration {
+        self.timeout * 2 + Duration::from_secs(30)
+    }
+}
+
+/// Builds every target of a validated config.
+pub fn build_targets(config: &Config, client: &HttpClient) -> Vec<Arc<Target>> {
+    config
+        .targets
+        .iter()
+        .map(|(name, target)| {
+            let sink = match target.kind {
+                TargetKind::Http => Sink::Http(HttpSink {
+                    client: client.clone(),
+                    url: target
+                        .url
+                        .as_deref()
+                        .unwrap_or_default()
+                        .parse()
+                        .expect("validated with the config"),
+                    headers: target
+                        .headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                HeaderName::from_bytes(k.as_bytes())
+                                    .expect("validated with the config"),
+                                HeaderValue::from_str(v).expect("validated with the config"),
+                            )
+                        })
+                        .collect(),
+                    payload: target.payload,
+                    signing: target
+                        .secret
+                        .as_deref()
+                        .map(|s| SigningKey::parse(s).expect("validated with the config")),
+                }),
+                TargetKind::File => {
+                    Sink::File(FileSink::new(target.path.clone().unwrap_or_default()))
+                }
+            };
+            Arc::new(Target {
+                name: name.clone(),
+                sink,
+                timeout: target.timeout.unwrap_or(config.delivery.timeout).0,
+                concurrency: target.concurrency.unwrap_or(config.delivery.concurrency),
+                policy: RetryPolicy::new(
+                    &config.delivery.backoff,
+                    &target.backoff,
+                    target.max_attempts.unwrap_or(config.delivery.max_attempts),
+                    target.max_age.unwrap_or(config.delivery.max_age).0,
+                ),
+            })
+        })
+        .collect()
+}
+
+/// The outbound client: HTTP/1.1 and HTTP/2, https with the system's roots.
+pub fn build_client() -> std::io::Result<HttpClient> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(https),
+    )
+}
+
+/// Wake-up signals, one per target: ingest rings after committing new jobs.
+#[derive(Default, Clone)]
+pub struct Wakers(Arc<HashMap<String, Arc<Notify>>>);
+
+impl Wakers {
+    /// One waker per target name.
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Wakers {
+        Wakers(Arc::new(
+            names
+                .into_iter()
+                .map(|name| (name.to_owned(), Arc::new(Notify::new())))
+                .collect(),
+        ))
+    }
+
+    /// Tells `target`'s dispatcher that work is waiting.
+    pub fn wake(&self, target: &str) {
+        if let Some(notify) = self.0.get(target) {
+            notify.notify_one();
+        }
+    }
+
+    fn get(&self, target: &str) -> Arc<Notify> {
+        self.0.get(target).cloned().unwrap_or_default()
+    }
+}
+
+/// Drains one target's queue until `shutdown`, then waits for attempts in flight
+/// (each bounded by the target's timeout) so their outcomes are recorded.
+pub async fn run_dispatcher(
+    target: Arc<Target>,
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    wakers: Wakers,
+    shutdown: CancellationToken,
+) {
+    let wake = wakers.get(&target.name);
+    let slots = Arc::new(Semaphore::new(target.concurrency));
+    let attempts = TaskTracker::new();
+    loop {
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                permit = slots.acquire() => drop(permit),
+                () = shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let jobs = match store.claim(&target.name, free, target.lease()).await {
+            Ok(jobs) => jobs,
+            Err(err) => {
+                tracing::warn!(target = %target.name, error = %err, "cannot claim deliveries");
+                tokio::select! {
+                    () = tokio::time::sleep(STORE_ERROR_PAUSE) => {},
+                    () = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+        };
+        if jobs.is_empty() {
+            tokio::select! {
+                () = wake.notified() => {},
+                () = tokio::time::sleep(IDLE_POLL) => {},
+                () = shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        for job in jobs {
+            let permit = slots
+                .clone()
+                .try_acquire_owned()
+                .expect("claimed no more jobs than free slots");
+            let target = target.clone();
+            let store = store.clone();
+            let metrics = metrics.clone();
+            attempts.spawn(async move {
+                attempt(&target, store.as_ref(), &metrics, job).await;
+                drop(permit);
+            });
+        }
+    }
+    attempts.close();
+    attempts.wait().await;
+}
+
+/// Sends one job and records what happened.
+async fn attempt(target: &Target, store: &dyn Store, metrics: &Metrics, job: Job) {
+    let started = Instant::now();
+    let result = target.sink.send(&job, target.timeout).await;
+    metrics
+        .delivery_duration
+        .with_label_values(&[&target.name])
+        .observe(started.elapsed().as_secs_f64());
+    let attempt_number = job.attempts + 1;
+    let outcome = match result.verdict {
+        Verdict::Delivered => Outcome::Delivered,
+        Verdict::Reject => Outcome::Dead {
+            reason: "rejected by target".into(),
+            status: result.status,
+            error: result.error.clone(),
+        },
+        Verdict::Retry => {
+            let age =
+                Duration::from_millis(now_ms().saturating_sub(job.created_at_ms).max(0) as u64);
+            match target.policy.after_failure(
+                attempt_number,
+                age,
+                result.retry_after,
+                rand::random::<f64>(),
+            ) {
+                Next::RetryIn(delay) => Outcome::Retry {
+                    next_at_ms: now_ms() + delay.as_millis() as i64,
+                    status: result.status,
+                    error: result.error.clone(),
+                },
+                Next::GiveUp(reason) => Outcome::Dead {
+                    reason: reason.into(),
+                    status: result.status,
+                    error: result.error.clone(),
+                },
+            }
+        }
+    };
+    let label = match &outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Retry { .. } => "retried",
+        Outcome::Dead { .. } => "dead",
+    };
+    metrics
+        .deliveries
+        .with_label_values(&[&target.name, label])
+        .inc();
+    match &outcome {
+        Outcome::Delivered => tracing::info!(
+            id = %job.event_id, target = %target.name, attempt = attempt_number,
+            status = ?result.status, "delivered"
+        ),
+        Outcome::Retry { next_at_ms, .. } => tracing::warn!(
+            id = %job.event_id, target = %target.name, attempt = attempt_number,
+            status = ?result.status, error = %result.error,
+            retry_in_ms = next_at_ms - now_ms(), "delivery failed; will retry"
+        ),
+        Outcome::Dead { reason, .. } => tracing::error!(
+            id = %job.event_id, target = %target.name, attempt = attempt_number,
+            status = ?result.status, error = %result.error, reason = %reason,
+            "delivery given up; kept as dead letter"
+        ),
+    }
+    // If this fails the lease runs out and the job is attempted again:
+    // at-least-once, never lost.
+    if let Err(err) = store.complete(job.id, outcome).await {
+        tracing::error!(id = %job.event_id, target = %target.name, error = %err,
+            "cannot record delivery outcome; the job will be attempted again after its lease");
+    }
+}

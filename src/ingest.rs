@@ -1,0 +1,271 @@
+//! The public endpoint Sinch posts to. Every answer here delays every postback
+//! queued behind it on Sinch's one connection, so the handler does the minimum:
+//! read the body, parse, route, commit, answer. Delivery happens elsewhere.
+//!
+//! The one rule: 200 only after the store has committed the postback and its
+//! jobs. Store errors become 503 (Sinch retries later); unparseable bodies are
+//! quarantined, then answered 400.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, StatusCode};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::delivery::Wakers;
+use crate::envelope::Envelope;
+use crate::http_server::{json_response, HttpResponse};
+use crate::metrics::Metrics;
+use crate::postback::{self, Postback};
+use crate::routing::Router;
+use crate::store::{now_ms, Acceptance, NewPostback, QuarantineEntry, Store, StoreError};
+
+/// Seconds Sinch is asked to wait after a 503 (it waits ~5 minutes anyway).
+const RETRY_AFTER_SECONDS: &str = "30";
+
+/// Everything the handler needs, shared by all connections.
+pub struct Ingest {
+    /// The accepted path.
+    pub path: String,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// CloudEvents `source`.
+    pub source: String,
+    /// Routing table.
+    pub router: Router,
+    /// Durable queue.
+    pub store: Arc<dyn Store>,
+    /// Counters and histograms.
+    pub metrics: Metrics,
+    /// Dispatchers to wake after a commit.
+    pub wakers: Wakers,
+}
+
+/// How a request ended, for the metrics label and the log line.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Accepted,
+    Duplicate,
+    Invalid,
+    Error,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Invalid => "invalid",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+impl Ingest {
+    /// Handles one request on the public listener.
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> HttpResponse {
+        if request.uri().path() != self.path {
+            return error(StatusCode::NOT_FOUND, "not found");
+        }
+        if request.method() != Method::POST {
+            let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "only POST is allowed here");
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return response;
+        }
+        let started = Instant::now();
+        let (format, outcome, response) = self.receive(request).await;
+        self.metrics
+            .postbacks_received
+            .with_label_values(&[format, outcome.as_str()])
+            .inc();
+        self.metrics
+            .ingest_duration
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    /// Reads, parses and commits one postback; returns (format label, outcome, response).
+    async fn receive(&self, request: Request<Incoming>) -> (&'static str, Outcome, HttpResponse) {
+        let content_type = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let declared_length = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared_length.is_some_and(|length| length > self.max_body_bytes) {
+            return ("unknown", Outcome::Invalid, self.too_large());
+        }
+        let body = match Limited::new(request.into_body(), self.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(err)
+                if err
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return ("unknown", Outcome::Invalid, self.too_large());
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read request body");
+                return (
+                    "unknown",
+                    Outcome::Error,
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("could not read body: {err}"),
+                    ),
+                );
+            }
+        };
+        let received_at_ms = now_ms();
+        match postback::parse(&body, content_type.as_deref()) {
+            Ok(postback) => {
+                let format = postback.format.as_str();
+                let (outcome, response) = self
+                    .commit(postback, body, content_type, received_at_ms)
+                    .await;
+                (format, outcome, response)
+            }
+            Err(parse_error) => {
+                let (outcome, response) = self
+                    .quarantine(parse_error, body, content_type, received_at_ms)
+                    .await;
+                ("unknown", outcome, response)
+            }
+        }
+    }
+
+    async fn commit(
+        &self,
+        postback: Postback,
+        body: Bytes,
+        content_type: Option<String>,
+        received_at_ms: i64,
+    ) -> (Outcome, HttpResponse) {
+        let id = ulid::Ulid::generate().to_string();
+        let received = chrono::DateTime::from_timestamp_millis(received_at_ms)
+            .unwrap_or_else(chrono::Utc::now);
+        let envelope = Envelope::new(&postback, id.clone(), &self.source, received);
+        let decision = self.router.route(&postback);
+        let dedupe_key = dedupe_key(&postback, &body);
+        let new = NewPostback {
+            id: id.clone(),
+            dedupe_key,
+            received_at_ms,
+            envelope: Bytes::from(envelope.to_json()),
+            raw_body: body,
+            content_type,
+            targets: decision.targets.clone(),
+        };
+        let result = self.store.accept(new).await;
+        let log = |outcome: &str, id: &str| {
+            tracing::info!(
+                id, origin = postback.origin(), code = postback.code(),
+                tracking_id = postback.tracking_id().unwrap_or(""),
+                routes = ?decision.routes, targets = ?decision.targets,
+                outcome, "postback"
+            );
+        };
+        match result {
+            Ok(Acceptance::Accepted) => {
+                log("accepted", &id);
+                if decision.targets.is_empty() {
+                    tracing::warn!(id = %id, "no route matched; kept as dead letter \"no route\"");
+                }
+                for target in &decision.targets {
+                    self.wakers.wake(target);
+                }
+                (
+                    Outcome::Accepted,
+                    json_response(StatusCode::OK, &json!({"status": "accepted", "id": id})),
+                )
+            }
+            Ok(Acceptance::Duplicate { original_id }) => {
+                log("duplicate", &original_id);
+                (
+                    Outcome::Duplicate,
+                    json_response(
+                        StatusCode::OK,
+                        &json!({"status": "duplicate", "id": original_id}),
+                    ),
+                )
+            }
+            Err(err) => {
+                log("error", &id);
+                (Outcome::Error, unavailable(&err))
+            }
+        }
+    }
+
+    async fn quarantine(
+        &self,
+        parse_error: postback::ParseError,
+        body: Bytes,
+        content_type: Option<String>,
+        received_at_ms: i64,
+    ) -> (Outcome, HttpResponse) {
+        let message = parse_error.to_string();
+        let entry = QuarantineEntry {
+            body_hash: hex::encode(Sha256::digest(&body)),
+            body,
+            content_type,
+            error: message.clone(),
+            received_at_ms,
+        };
+        let hash = entry.body_hash.clone();
+        match self.store.quarantine(entry).await {
+            Ok(()) => {
+                tracing::warn!(body_hash = %hash, error = %message, outcome = "invalid", "postback quarantined");
+                (Outcome::Invalid, error(StatusCode::BAD_REQUEST, &message))
+            }
+            Err(err) => (Outcome::Error, unavailable(&err)),
+        }
+    }
+
+    fn too_large(&self) -> HttpResponse {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body is larger than {} bytes", self.max_body_bytes),
+        )
+    }
+}
+
+/// Retries of one postback must map to one key. N101 and N102 share a tracking
+/// id, so origin and code are part of it; without a tracking id the body is the
+/// only identity there is.
+fn dedupe_key(postback: &Postback, body: &[u8]) -> String {
+    match postback.tracking_id() {
+        Some(tracking_id) => format!("{}|{}|{}", postback.origin(), postback.code(), tracking_id),
+        None => format!("sha256:{}", hex::encode(Sha256::digest(body))),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> HttpResponse {
+    json_response(status, &json!({ "error": message }))
+}
+
+/// 503 with Retry-After: nothing was acknowledged, Sinch will send it again.
+fn unavailable(err: &StoreError) -> HttpResponse {
+    tracing::error!(error = %err, "cannot commit postback; answering 503");
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the relay cannot store postbacks right now; retry later",
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+    response
+}

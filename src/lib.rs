@@ -1,0 +1,28 @@
+//! postback-relay: receives Sinch MMS/SMS postbacks, commits them durably, and
+//! delivers them to internal webhooks.
+//!
+//! The data flow, one module per step:
+//!
+//! ```text
+//! ingest ──▶ postback ──▶ envelope ──▶ routing ──▶ store ──▶ delivery ──▶ targets
+//! (HTTP)     (XML/JSON)   (CloudEvents) (YAML rules) (SQLite)  (retries,   (HTTP, file)
+//!                                                             dead letters)
+//! ```
+//!
+//! `config` loads and validates everything before anything starts, `relay` wires
+//! the pieces together and owns shutdown, `admin` serves health and `metrics`.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod envelope;
+pub mod http_server;
+pub mod ingest;
+pub mod metrics;
+pub mod postback;
+pub mod relay;
+pub mod routing;
+pub mod store;

@@ -1,0 +1,145 @@
+//! Prometheus metrics, all prefixed `relay_`. Labels are bounded: formats,
+//! outcomes and configured target names, never a tracking id or a number.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::store::TargetStats;
+
+/// Every metric of the relay, cheap to clone (the handles are shared).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Postbacks by format (`xml`, `json`, `unknown`) and outcome (`accepted`,
+    /// `duplicate`, `invalid`, `error`).
+    pub postbacks_received: IntCounterVec,
+    /// Time from the request's arrival to its answer; Sinch waits on this.
+    pub ingest_duration: Histogram,
+    /// Delivery attempts by target and outcome (`delivered`, `retried`, `dead`).
+    pub deliveries: IntCounterVec,
+    /// Time of one delivery attempt by target.
+    pub delivery_duration: HistogramVec,
+    /// Jobs waiting or in flight, by target (read from the store).
+    pub queue_pending: IntGaugeVec,
+    /// Dead letters kept, by target (read from the store).
+    pub dead_letters: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Registers all metrics, plus the process collector on Linux.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let postbacks_received = IntCounterVec::new(
+            Opts::new(
+                "relay_postbacks_received_total",
+                "Postbacks received, by format and outcome.",
+            ),
+            &["format", "outcome"],
+        )
+        .expect("valid metric");
+        let ingest_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "relay_ingest_duration_seconds",
+                "Time from receiving a postback request to answering it.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        let deliveries = IntCounterVec::new(
+            Opts::new(
+                "relay_deliveries_total",
+                "Delivery attempts, by target and outcome.",
+            ),
+            &["target", "outcome"],
+        )
+        .expect("valid metric");
+        let delivery_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "relay_delivery_duration_seconds",
+                "Time of one delivery attempt, by target.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["target"],
+        )
+        .expect("valid metric");
+        let queue_pending = IntGaugeVec::new(
+            Opts::new(
+                "relay_queue_pending",
+                "Deliveries waiting or in flight, by target.",
+            ),
+            &["target"],
+        )
+        .expect("valid metric");
+        let dead_letters = IntGaugeVec::new(
+            Opts::new("relay_dead_letters", "Dead letters kept, by target."),
+            &["target"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(postbacks_received.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ingest_duration.clone()),
+            Box::new(deliveries.clone()),
+            Box::new(delivery_duration.clone()),
+            Box::new(queue_pending.clone()),
+            Box::new(dead_letters.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registers once");
+        Metrics {
+            registry,
+            postbacks_received,
+            ingest_duration,
+            deliveries,
+            delivery_duration,
+            queue_pending,
+            dead_letters,
+        }
+    }
+
+    /// Sets the queue gauges from the store's figures; targets without jobs
+    /// read 0 rather than vanish.
+    pub fn set_queue(&self, targets: &[String], stats: &[TargetStats]) {
+        for target in targets {
+            self.queue_pending.with_label_values(&[target]).set(0);
+            self.dead_letters.with_label_values(&[target]).set(0);
+        }
+        for stat in stats {
+            self.queue_pending
+                .with_label_values(&[&stat.target])
+                .set(stat.pending as i64);
+            self.dead_letters
+                .with_label_values(&[&stat.target])
+                .set(stat.dead as i64);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding of gathered metrics cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

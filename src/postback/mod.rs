@@ -1,0 +1,383 @@
+//! Postback parsing: turns a Sinch body (XML or JSON, sniffed, never trusted from
+//! the Content-Type alone) into one tolerant, canonical [`Postback`].
+//!
+//! Both formats are first read into a plain JSON tree by their own module
+//! ([`xml`], [`json`]); everything the aggregator is inconsistent about (tag case,
+//! hyphens, wrappers, numbers for strings, the shape of the content list) is then
+//! folded in one place, [`Postback::from_tree`], so XML and JSON can never drift.
+
+mod json;
+mod xml;
+
+use serde_json::{Map, Value};
+
+/// The wire format a postback arrived in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `<postback>...</postback>`
+    Xml,
+    /// `{"origin": ...}`
+    Json,
+}
+
+impl Format {
+    /// Lowercase name used in metrics labels and the envelope.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Xml => "xml",
+            Format::Json => "json",
+        }
+    }
+}
+
+/// Why a body is not a postback; the message goes back to the sender verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Zero bytes, or only white space.
+    #[error("empty body")]
+    Empty,
+    /// Neither `<` nor `{` starts the body.
+    #[error("body is neither XML nor JSON (it starts with {0:?})")]
+    UnknownFormat(String),
+    /// Postbacks are text; anything else is refused before parsing.
+    #[error("body is not valid UTF-8 (invalid byte at offset {0})")]
+    InvalidUtf8(usize),
+    /// The XML reader gave up.
+    #[error("invalid XML: {0}")]
+    Xml(String),
+    /// serde_json gave up.
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// Parsed, but the top level is not an object of fields.
+    #[error("{0}")]
+    Shape(String),
+    /// `origin` or `code` is absent or empty.
+    #[error("missing required field `{0}`")]
+    MissingField(&'static str),
+}
+
+/// One postback with canonical field names; all scalar values are strings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Postback {
+    /// Format it arrived in.
+    pub format: Format,
+    /// Every field under its canonical name (see [`canonical_name`]), including
+    /// unknown ones; `content` has been lifted into `files`.
+    pub fields: Map<String, Value>,
+    /// URLs of the MMS content files, in order.
+    pub files: Vec<String>,
+}
+
+impl Postback {
+    /// The value of a string field, if present.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).and_then(Value::as_str)
+    }
+
+    /// `MMS_MO`, `MMS_MT`, `SMS_MO`, ...; always present.
+    pub fn origin(&self) -> &str {
+        self.field("origin").unwrap_or_default()
+    }
+
+    /// `N401`, `N102`, `E101`, ...; always present.
+    pub fn code(&self) -> &str {
+        self.field("code").unwrap_or_default()
+    }
+
+    /// Sinch's id for the message; N101 and N102 of one message share it.
+    pub fn tracking_id(&self) -> Option<&str> {
+        self.field("tracking_id").filter(|id| !id.is_empty())
+    }
+
+    /// Builds a postback from a tree produced by the XML or JSON reader.
+    fn from_tree(format: Format, tree: Value) -> Result<Postback, ParseError> {
+        let Value::Object(top) = tree else {
+            return Err(ParseError::Shape(
+                "top level must be an object of postback fields".into(),
+            ));
+        };
+        let mut fields = canonical_object(top);
+        // One optional wrapper (`<POSTBACK><NOTIFICATION>...`): descend into it
+        // when the fields are not at the top.
+        if !fields.contains_key("origin") && !fields.contains_key("code") && fields.len() == 1 {
+            if let Some(Value::Object(inner)) = fields.values().next() {
+                fields = inner.clone();
+            }
+        }
+        let files = match fields.remove("content") {
+            Some(content) => match content_files(&content) {
+                Some(files) => files,
+                None => {
+                    // A shape we do not know: keep it rather than drop it.
+                    fields.insert("content".into(), content);
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        for required in ["origin", "code"] {
+            match fields.get(required) {
+                Some(Value::String(value)) if !value.trim().is_empty() => {}
+                _ => return Err(ParseError::MissingField(required)),
+            }
+        }
+        Ok(Postback {
+            format,
+            fields,
+            files,
+        })
+    }
+}
+
+/// Parses a body; `content_type` is only a hint for bodies that sniffing cannot decide.
+pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<Postback, ParseError> {
+    let text =
+        std::str::from_utf8(body).map_err(|err| ParseError::InvalidUtf8(err.valid_up_to()))?;
+    let text = text.trim_start_matches('\u{feff}');
+    let trimmed = text.trim_start();
+    let format = match trimmed.as_bytes().first() {
+        None => return Err(ParseError::Empty),
+        Some(b'<') => Format::Xml,
+        Some(b'{') | Some(b'[') => Format::Json,
+        Some(_) => match content_type.map(str::to_ascii_lowercase) {
+            // The hint only helps to name the error: a body that starts with
+            // neither `<` nor `{` is neither format.
+            Some(ct) if ct.contains("json") => {
+                return Err(ParseError::Json(format!(
+                    "expected `{{` at the start, found {:?}",
+                    preview(trimmed)
+                )))
+            }
+            Some(ct) if ct.contains("xml") => {
+                return Err(ParseError::Xml(format!(
+                    "expected `<` at the start, found {:?}",
+                    preview(trimmed)
+                )))
+            }
+            _ => return Err(ParseError::UnknownFormat(preview(trimmed))),
+        },
+    };
+    let tree = match format {
+        Format::Xml => xml::read_tree(trimmed)?,
+        Format::Json => json::read_tree(trimmed)?,
+    };
+    Postback::from_tree(format, tree)
+}
+
+/// The first few characters of a body, for error messages.
+fn preview(text: &str) -> String {
+    text.chars().take(16).collect()
+}
+
+/// The canonical name of a field: lowercase, `-` → `_`, known aliases folded
+/// (`TRACKINGID` → `tracking_id`, `subject` → `message_subject`).
+pub fn canonical_name(raw: &str) -> String {
+    let lower = raw.trim().to_ascii_lowercase().replace('-', "_");
+    let compact: String = lower.chars().filter(|c| *c != '_').collect();
+    let alias = match compact.as_str() {
+        "trackingid" => "tracking_id",
+        "operatorid" => "operator_id",
+        "operatorname" => "operator_name",
+        "messagesubject" | "subject" => "message_subject",
+        "statusdetails" => "status_details",
+        "mmsid" => "mms_id",
+        "sentas" => "sent_as",
+        "clientreference" => "client_reference",
+        "campaignref" => "campaign_ref",
+        "copyto" => "copy_to",
+        _ => return lower,
+    };
+    alias.to_owned()
+}
+
+/// Canonical names for every key and strings for every scalar, recursively.
+/// `null` carries no value and is dropped.
+fn canonical_object(object: Map<String, Value>) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (key, value) in object {
+        if let Some(value) = canonical_value(value) {
+            out.insert(canonical_name(&key), value);
+        }
+    }
+    out
+}
+
+fn canonical_value(value: Value) -> Option<Value> {
+    Some(match value {
+        Value::Null => return None,
+        Value::Bool(b) => Value::String(b.to_string()),
+        Value::Number(n) => Value::String(n.to_string()),
+        Value::String(s) => Value::String(s),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().filter_map(canonical_value).collect())
+        }
+        Value::Object(object) => Value::Object(canonical_object(object)),
+    })
+}
+
+/// The file URLs of a `content` value in any of the shapes seen: XML's
+/// `{"file": url | [url, ...]}`, JSON's `[{"file": url}, ...]`, or a plain list.
+fn content_files(content: &Value) -> Option<Vec<String>> {
+    fn file_of(item: &Value) -> Option<Vec<String>> {
+        match item {
+            Value::String(url) => Some(vec![url.clone()]),
+            Value::Object(object) if object.len() == 1 => match object.get("file")? {
+                Value::String(url) => Some(vec![url.clone()]),
+                Value::Array(urls) => urls.iter().map(|u| u.as_str().map(str::to_owned)).collect(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    match content {
+        // `<content></content>`: no files.
+        Value::String(s) if s.trim().is_empty() => Some(Vec::new()),
+        Value::Array(items) => {
+            let mut files = Vec::new();
+            for item in items {
+                files.extend(file_of(item)?);
+            }
+            Some(files)
+        }
+        other => file_of(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED_XML: &str = r#"<postback>
+    <origin>MMS_MO</origin>
+    <code>N401</code>
+    <from>14082257140</from>
+    <to>28444</to>
+    <keyword>all</keyword>
+    <tracking-id>MMS_MO_iLnCRrL6</tracking-id>
+    <operator-id>31002</operator-id>
+    <timestamp>2014-02-03T11:19:49-05:00</timestamp>
+    <message-subject></message-subject>
+    <content>
+        <file>URL of Content Here</file>
+        <file>URL of Content Here</file>
+        <file>URL of Content Here</file>
+    </content>
+</postback>"#;
+
+    #[test]
+    fn seed_xml_parses_with_all_fields() {
+        let p = parse(SEED_XML.as_bytes(), Some("text/xml")).unwrap();
+        assert_eq!(p.format, Format::Xml);
+        assert_eq!(p.origin(), "MMS_MO");
+        assert_eq!(p.code(), "N401");
+        assert_eq!(p.tracking_id(), Some("MMS_MO_iLnCRrL6"));
+        assert_eq!(p.field("operator_id"), Some("31002"));
+        assert_eq!(p.field("message_subject"), Some(""));
+        assert_eq!(p.files.len(), 3);
+    }
+
+    #[test]
+    fn xml_and_json_of_the_same_postback_are_equal_but_for_format() {
+        let json = r#"{"origin":"MMS_MO","code":"N401","from":"14082257140","to":"28444",
+            "keyword":"all","tracking-id":"MMS_MO_iLnCRrL6","operator-id":31002,
+            "timestamp":"2014-02-03T11:19:49-05:00","message-subject":"",
+            "content":[{"file":"URL of Content Here"},{"file":"URL of Content Here"},{"file":"URL of Content Here"}]}"#;
+        let from_xml = parse(SEED_XML.as_bytes(), None).unwrap();
+        let from_json = parse(json.as_bytes(), None).unwrap();
+        assert_eq!(from_xml.fields, from_json.fields);
+        assert_eq!(from_xml.files, from_json.files);
+    }
+
+    #[test]
+    fn legacy_uppercase_xml_with_wrapper_and_single_quoted_prolog() {
+        let body = "<?xml version='1.0'?>\n<POSTBACK><NOTIFICATION><ORIGIN>MMS_MT</ORIGIN>\
+            <CODE>N102</CODE><TRACKINGID>abc</TRACKINGID><SUBJECT>hi</SUBJECT><SPID>7</SPID>\
+            </NOTIFICATION></POSTBACK>";
+        let p = parse(body.as_bytes(), Some("application/xml; charset=utf-8")).unwrap();
+        assert_eq!(p.origin(), "MMS_MT");
+        assert_eq!(p.code(), "N102");
+        assert_eq!(p.tracking_id(), Some("abc"));
+        assert_eq!(p.field("message_subject"), Some("hi"));
+        assert_eq!(p.field("spid"), Some("7"));
+    }
+
+    #[test]
+    fn field_name_spellings_fold_to_one() {
+        for spelling in [
+            "tracking-id",
+            "tracking_id",
+            "trackingid",
+            "TRACKING-ID",
+            "TrackingId",
+        ] {
+            assert_eq!(canonical_name(spelling), "tracking_id", "{spelling}");
+        }
+        assert_eq!(canonical_name("status-details"), "status_details");
+        assert_eq!(canonical_name("x-custom-thing"), "x_custom_thing");
+    }
+
+    #[test]
+    fn unknown_fields_and_copy_to_lists_are_kept() {
+        let json = r#"{"origin":"MMS_MO","code":"N401","copy-to":[{"number":14085551212},{"number":"14085551313"}],"shiny":true}"#;
+        let p = parse(json.as_bytes(), None).unwrap();
+        assert_eq!(
+            p.fields["copy_to"],
+            serde_json::json!([{"number": "14085551212"}, {"number": "14085551313"}])
+        );
+        assert_eq!(p.field("shiny"), Some("true"));
+    }
+
+    #[test]
+    fn missing_origin_or_code_is_an_error() {
+        assert_eq!(
+            parse(b"<postback><code>N401</code></postback>", None),
+            Err(ParseError::MissingField("origin"))
+        );
+        assert_eq!(
+            parse(br#"{"origin":"MMS_MO","code":""}"#, None),
+            Err(ParseError::MissingField("code"))
+        );
+    }
+
+    #[test]
+    fn garbage_is_named_clearly() {
+        assert_eq!(parse(b"  \n", None), Err(ParseError::Empty));
+        assert!(matches!(
+            parse(b"hello", None),
+            Err(ParseError::UnknownFormat(_))
+        ));
+        assert_eq!(parse(b"<a>\xff</a>", None), Err(ParseError::InvalidUtf8(3)));
+        assert!(matches!(
+            parse(b"{\"origin\":", None),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            parse(b"<postback><origin>", None),
+            Err(ParseError::Xml(_))
+        ));
+        assert!(matches!(parse(b"[1,2]", None), Err(ParseError::Shape(_))));
+    }
+
+    #[test]
+    fn content_in_other_shapes() {
+        let p = parse(
+            br#"{"origin":"MMS_MO","code":"N401","content":{"file":["a","b"]}}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.files, vec!["a", "b"]);
+        let p = parse(
+            br#"{"origin":"MMS_MO","code":"N401","content":["a"]}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.files, vec!["a"]);
+        let p = parse(
+            br#"{"origin":"MMS_MO","code":"N401","content":{"odd":"x"}}"#,
+            None,
+        )
+        .unwrap();
+        assert!(p.files.is_empty());
+        assert_eq!(p.fields["content"], serde_json::json!({"odd": "x"}));
+    }
+}

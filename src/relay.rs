@@ -1,0 +1,186 @@
+//! Wiring and lifetime: opens the store, starts one dispatcher per target and
+//! the two listeners, and shuts them down in the order that loses nothing:
+//! stop accepting → finish requests in flight → let deliveries in flight end →
+//! close the store.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::delivery::{build_client, build_targets, run_dispatcher, Wakers};
+use crate::http_server::{serve, ServeOptions};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::routing::Router;
+use crate::store::{SqliteOptions, SqliteStore, Store};
+
+/// How often the queue gauges are read from the store.
+const GAUGE_REFRESH: Duration = Duration::from_secs(2);
+/// How long shutdown waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A started relay: its bound addresses and the means to stop it.
+pub struct RelayHandle {
+    /// Where the public listener is bound (useful with port 0).
+    pub ingest_addr: SocketAddr,
+    /// Where the admin listener is bound.
+    pub admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RelayHandle {
+    /// Starts a graceful shutdown and waits for it to finish.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the relay has stopped (after its shutdown token fired).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("relay task panicked")?
+    }
+
+    /// The token that stops the relay when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Binds both listeners, opens the store and starts everything.
+pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
+    let ingest_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (key `listen`)", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (key `admin_listen`)",
+                config.admin_listen
+            )
+        })?;
+    let ingest_addr = ingest_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(SqliteOptions {
+            path: config.store.path.clone(),
+            sync: config.store.sync,
+            busy_timeout: config.store.busy_timeout.0,
+            dedupe_window: config.ingest.dedupe_window.0,
+        })
+        .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?,
+    );
+    let metrics = Metrics::new();
+    let client = build_client().context("cannot load the system's TLS root certificates")?;
+    let targets = build_targets(&config, &client);
+    let wakers = Wakers::new(targets.iter().map(|t| t.name.as_str()));
+    let shutdown = CancellationToken::new();
+
+    let ingest = Arc::new(Ingest {
+        path: config.ingest.path.clone(),
+        max_body_bytes: config.ingest.max_body_bytes,
+        source: config.envelope.source.clone(),
+        router: Router::new(&config),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        wakers: wakers.clone(),
+    });
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        store: store.clone(),
+    });
+    let serve_options = ServeOptions {
+        idle_timeout: config.ingest.idle_timeout.0,
+        drain_timeout: DRAIN_TIMEOUT,
+    };
+
+    tracing::info!(
+        ingest = %ingest_addr, admin = %admin_addr, path = %config.ingest.path,
+        store = %config.store.path.display(), sync = %config.store.sync,
+        targets = targets.len(), routes = config.routes.len(),
+        "postback-relay listening"
+    );
+
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let deliveries = CancellationToken::new();
+            let dispatchers: Vec<_> = targets
+                .iter()
+                .map(|target| {
+                    tokio::spawn(run_dispatcher(
+                        target.clone(),
+                        store.clone(),
+                        metrics.clone(),
+                        wakers.clone(),
+                        deliveries.clone(),
+                    ))
+                })
+                .collect();
+            let gauges = tokio::spawn(refresh_gauges(
+                store.clone(),
+                metrics.clone(),
+                targets.iter().map(|t| t.name.clone()).collect(),
+                deliveries.clone(),
+            ));
+            let ingest_server = serve(
+                "ingest",
+                ingest_listener,
+                move |request, _peer| ingest.clone().handle(request),
+                serve_options,
+                shutdown.clone(),
+            );
+            let admin_server = serve(
+                "admin",
+                admin_listener,
+                move |request, _peer| admin.clone().handle(request),
+                serve_options,
+                shutdown.clone(),
+            );
+            tokio::join!(ingest_server, admin_server);
+            tracing::info!("listeners closed; finishing deliveries in flight");
+            deliveries.cancel();
+            for dispatcher in dispatchers {
+                let _ = dispatcher.await;
+            }
+            let _ = gauges.await;
+            store.close().await.context("closing the store")?;
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+    });
+    Ok(RelayHandle {
+        ingest_addr,
+        admin_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Keeps `relay_queue_pending` and `relay_dead_letters` close to the store's truth.
+async fn refresh_gauges(
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    targets: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match store.stats().await {
+            Ok(stats) => metrics.set_queue(&targets, &stats),
+            Err(err) => tracing::warn!(error = %err, "cannot read queue figures"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(GAUGE_REFRESH) => {},
+            () = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The store seam: everything the relay must not lose goes through [`Store`].
+//!
+//! The contract every backend keeps (SQLite now, PostgreSQL when several
+//! instances share one queue):
+//! - [`Store::accept`] returns only after the postback, its dedupe key and one
+//!   delivery job per routed target are durably committed; ingest answers 200
+//!   only then. An error means nothing was acknowledged (ingest answers 503).
+//! - Jobs are claimed with a lease ([`Store::claim`]): a job claimed by a worker
+//!   that dies becomes due again when the lease runs out.
+//! - Every finished attempt is recorded with [`Store::complete`]: delivered
+//!   (the job is gone), retry later, or dead letter (kept with its reason).
+//!
+//! Times are Unix milliseconds; backends do their own batching.
+
+mod sqlite;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// Label under which dead letters of unrouted postbacks are counted.
+pub const NO_ROUTE_TARGET: &str = "(no route)";
+
+/// A parsed, routed postback ready to be committed.
+#[derive(Debug, Clone)]
+pub struct NewPostback {
+    /// Envelope id (ULID) assigned by the ingest side.
+    pub id: String,
+    /// `origin|code|tracking-id`, or the body hash when there is no tracking id.
+    pub dedupe_key: String,
+    /// When ingest received it.
+    pub received_at_ms: i64,
+    /// The CloudEvents JSON targets receive.
+    pub envelope: Bytes,
+    /// The body exactly as Sinch sent it, for `payload: raw` targets.
+    pub raw_body: Bytes,
+    /// Sinch's Content-Type, replayed with raw payloads.
+    pub content_type: Option<String>,
+    /// Routed targets; empty means "no route" (kept as a dead letter).
+    pub targets: Vec<String>,
+}
+
+/// What [`Store::accept`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acceptance {
+    /// Committed with its jobs.
+    Accepted,
+    /// Seen within the dedupe window; nothing new was stored.
+    Duplicate {
+        /// Envelope id of the first copy.
+        original_id: String,
+    },
+}
+
+/// A body that could not be parsed, kept so nothing Sinch sent is lost.
+#[derive(Debug, Clone)]
+pub struct QuarantineEntry {
+    /// Hex SHA-256 of the body; repeats of one body share one row.
+    pub body_hash: String,
+    /// The body as received.
+    pub body: Bytes,
+    /// The Content-Type it came with.
+    pub content_type: Option<String>,
+    /// The parse error returned to the sender.
+    pub error: String,
+    /// When it arrived.
+    pub received_at_ms: i64,
+}
+
+/// Backend-assigned id of one delivery job (one postback × one target).
+pub type JobId = i64;
+
+/// A claimed delivery job with everything needed to send it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Identifies the job in [`Store::complete`].
+    pub id: JobId,
+    /// Envelope id; the same for every target and every retry.
+    pub event_id: String,
+    /// Target name from the config.
+    pub target: String,
+    /// Attempts already made before this one.
+    pub attempts: u32,
+    /// When the job was created, for `max_age`.
+    pub created_at_ms: i64,
+    /// CloudEvents JSON.
+    pub envelope: Bytes,
+    /// Original Sinch body.
+    pub raw_body: Bytes,
+    /// Original Sinch Content-Type.
+    pub content_type: Option<String>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The target took it; the job is finished.
+    Delivered,
+    /// Try again at `next_at_ms`.
+    Retry {
+        /// When the job is due again.
+        next_at_ms: i64,
+        /// HTTP status, when there was an answer.
+        status: Option<u16>,
+        /// What went wrong, for operators.
+        error: String,
+    },
+    /// Give up: keep it as a dead letter.
+    Dead {
+        /// Why it was given up (`rejected`, `max attempts`, `max age`, ...).
+        reason: String,
+        /// HTTP status, when there was an answer.
+        status: Option<u16>,
+        /// The last error.
+        error: String,
+    },
+}
+
+/// Queue figures of one target, for the gauges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetStats {
+    /// Target name ([`NO_ROUTE_TARGET`] for unrouted dead letters).
+    pub target: String,
+    /// Jobs waiting or in flight.
+    pub pending: u64,
+    /// Dead letters kept.
+    pub dead: u64,
+}
+
+/// Why the store could not do what was asked; ingest maps every variant to 503.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed (disk full, locked, I/O error).
+    #[error("store error: {0}")]
+    Database(String),
+    /// The store is shutting down or its writer has stopped.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// The durable queue behind the relay; see the module docs for the contract.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commits a postback and its jobs (or finds it a duplicate).
+    async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError>;
+    /// Keeps an unparseable body.
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError>;
+    /// Leases up to `limit` due jobs of `target` for `lease`.
+    async fn claim(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError>;
+    /// Records the end of an attempt.
+    async fn complete(&self, job: JobId, outcome: Outcome) -> Result<(), StoreError>;
+    /// Pending and dead counts per target.
+    async fn stats(&self) -> Result<Vec<TargetStats>, StoreError>;
+    /// Whether the last write succeeded; drives `/readyz`.
+    fn is_ready(&self) -> bool;
+    /// Finishes queued writes and closes cleanly.
+    async fn close(&self) -> Result<(), StoreError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    to_ms(SystemTime::now())
+}
+
+/// A point in time as Unix milliseconds.
+pub fn to_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

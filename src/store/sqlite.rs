@@ -1,0 +1,624 @@
+//! The embedded store: SQLite in WAL mode, written by one thread with group commit.
+//!
+//! Every write (accept, quarantine, claim, complete) is a command sent to one
+//! writer thread. The thread takes whatever commands are waiting, applies them in
+//! one transaction (each in its own savepoint, so one bad command cannot spoil
+//! the others), commits once, and only then answers every caller. Concurrent
+//! postbacks therefore share one fsync, and nobody hears "committed" before the
+//! commit. Reads for the gauges use a second connection, so a `COUNT(*)` over a
+//! large backlog never delays an ingest commit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    now_ms, Acceptance, Job, JobId, NewPostback, Outcome, QuarantineEntry, Store, StoreError,
+    TargetStats, NO_ROUTE_TARGET,
+};
+use crate::config::SyncMode;
+
+/// How often expired dedupe keys are deleted, and how many per transaction.
+const DEDUPE_PRUNE_EVERY: Duration = Duration::from_secs(60);
+const DEDUPE_PRUNE_LIMIT: i64 = 10_000;
+/// Commands taken into one transaction at most; bounds the latency of a batch.
+const MAX_BATCH: usize = 512;
+/// Commands waiting for the writer before callers wait for room.
+const QUEUE_CAPACITY: usize = 16 * 1024;
+
+/// The schema, versioned with `PRAGMA user_version`; each entry migrates from the
+/// previous version.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    id           TEXT PRIMARY KEY,
+    received_at  INTEGER NOT NULL,
+    envelope     BLOB NOT NULL,
+    raw_body     BLOB NOT NULL,
+    content_type TEXT
+);
+CREATE TABLE jobs (
+    id          INTEGER PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL,
+    next_at     INTEGER NOT NULL,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER,
+    last_error  TEXT
+);
+CREATE INDEX jobs_due ON jobs (target, next_at);
+CREATE INDEX jobs_event ON jobs (event_id);
+CREATE TABLE dead_letters (
+    id          INTEGER PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    attempts    INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error  TEXT,
+    dead_at     INTEGER NOT NULL
+);
+CREATE INDEX dead_letters_event ON dead_letters (event_id);
+CREATE TABLE dedupe (
+    key         TEXT PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    accepted_at INTEGER NOT NULL
+);
+CREATE INDEX dedupe_age ON dedupe (accepted_at);
+CREATE TABLE quarantine (
+    body_hash    TEXT PRIMARY KEY,
+    body         BLOB NOT NULL,
+    content_type TEXT,
+    error        TEXT NOT NULL,
+    first_seen   INTEGER NOT NULL,
+    last_seen    INTEGER NOT NULL,
+    seen_count   INTEGER NOT NULL
+);
+"#];
+
+/// Options the SQLite store is opened with.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Database file.
+    pub path: PathBuf,
+    /// fsync on every commit, or only at checkpoints.
+    pub sync: SyncMode,
+    /// Wait for a lock held by another process before failing.
+    pub busy_timeout: Duration,
+    /// A postback seen again within this window is a duplicate.
+    pub dedupe_window: Duration,
+}
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    commands: mpsc::Sender<Command>,
+    reader: Arc<Mutex<Connection>>,
+    ready: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One write, with the channel its caller waits on.
+enum Command {
+    Accept(NewPostback, Reply<Acceptance>),
+    Quarantine(QuarantineEntry, Reply<()>),
+    Claim {
+        target: String,
+        limit: usize,
+        lease: Duration,
+        reply: Reply<Vec<Job>>,
+    },
+    Complete(JobId, Outcome, Reply<()>),
+    Close(Reply<()>),
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the database and starts the writer thread.
+    pub fn open(options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|err| {
+                StoreError::Database(format!("cannot create {}: {err}", dir.display()))
+            })?;
+        }
+        let mut writer = open_connection(&options.path, &options)?;
+        migrate(&mut writer)?;
+        // We are the only instance: leases left by a crashed process are void.
+        writer
+            .execute(
+                "UPDATE jobs SET next_at = ?1, lease_until = 0 WHERE lease_until > 0",
+                [now_ms()],
+            )
+            .map_err(db_error)?;
+        let reader = open_connection(&options.path, &options)?;
+        let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let ready = Arc::new(AtomicBool::new(true));
+        let worker = Writer {
+            conn: writer,
+            dedupe_window_ms: options.dedupe_window.as_millis() as i64,
+            ready: ready.clone(),
+            last_prune: std::time::Instant::now(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || worker.run(receiver))
+            .map_err(|err| StoreError::Database(format!("cannot start writer thread: {err}")))?;
+        Ok(SqliteStore {
+            commands,
+            reader: Arc::new(Mutex::new(reader)),
+            ready,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError> {
+        self.call(|reply| Command::Accept(postback, reply)).await
+    }
+
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError> {
+        self.call(|reply| Command::Quarantine(entry, reply)).await
+    }
+
+    async fn claim(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError> {
+        let target = target.to_owned();
+        self.call(|reply| Command::Claim {
+            target,
+            limit,
+            lease,
+            reply,
+        })
+        .await
+    }
+
+    async fn complete(&self, job: JobId, outcome: Outcome) -> Result<(), StoreError> {
+        self.call(|reply| Command::Complete(job, outcome, reply))
+            .await
+    }
+
+    async fn stats(&self) -> Result<Vec<TargetStats>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            read_stats(&conn).map_err(db_error)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        let result = self.call(Command::Close).await;
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        result
+    }
+}
+
+fn open_connection(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)
+        .map_err(|err| StoreError::Database(format!("cannot open {}: {err}", path.display())))?;
+    conn.busy_timeout(options.busy_timeout).map_err(db_error)?;
+    let synchronous = match options.sync {
+        SyncMode::Full => "FULL",
+        SyncMode::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};"
+    ))
+    .map_err(db_error)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(db_error)?;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.transaction().map_err(db_error)?;
+        tx.execute_batch(sql).map_err(db_error)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))
+            .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+    }
+    Ok(())
+}
+
+fn read_stats(conn: &Connection) -> rusqlite::Result<Vec<TargetStats>> {
+    let mut counts: BTreeMap<String, TargetStats> = BTreeMap::new();
+    for (table, is_dead) in [("jobs", false), ("dead_letters", true)] {
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT target, COUNT(*) FROM {table} GROUP BY target"
+        ))?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (target, count) = row?;
+            let entry = counts.entry(target.clone()).or_insert(TargetStats {
+                target,
+                pending: 0,
+                dead: 0,
+            });
+            let count = count.max(0) as u64;
+            if is_dead {
+                entry.dead = count;
+            } else {
+                entry.pending = count;
+            }
+        }
+    }
+    Ok(counts.into_values().collect())
+}
+
+fn db_error(err: rusqlite::Error) -> StoreError {
+    StoreError::Database(err.to_string())
+}
+
+/// The single writer: owns the write connection.
+struct Writer {
+    conn: Connection,
+    dedupe_window_ms: i64,
+    ready: Arc<AtomicBool>,
+    /// When expired dedupe keys were last deleted.
+    last_prune: std::time::Instant,
+}
+
+/// A computed answer, held back until the batch commits.
+trait Pending: Send {
+    /// Sends the answer, or `failure` when the commit did not happen.
+    fn send(self: Box<Self>, failure: Option<&StoreError>);
+}
+
+impl<T: Send> Pending for (Reply<T>, Result<T, StoreError>) {
+    fn send(self: Box<Self>, failure: Option<&StoreError>) {
+        let (reply, result) = *self;
+        let _ = reply.send(match failure {
+            Some(err) => Err(err.clone()),
+            None => result,
+        });
+    }
+}
+
+impl Writer {
+    fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = receiver.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            let mut close = None;
+            let commands = batch.drain(..).filter_map(|command| match command {
+                Command::Close(reply) => {
+                    close = Some(reply);
+                    None
+                }
+                other => Some(other),
+            });
+            let commands: Vec<Command> = commands.collect();
+            if !commands.is_empty() {
+                self.apply_batch(commands);
+            }
+            if let Some(reply) = close {
+                receiver.close();
+                while let Ok(command) = receiver.try_recv() {
+                    batch.push(command);
+                }
+                let rest: Vec<Command> = batch.drain(..).collect();
+                if !rest.is_empty() {
+                    self.apply_batch(rest);
+                }
+                let result = self
+                    .conn
+                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .map_err(db_error);
+                let _ = reply.send(result);
+                return;
+            }
+        }
+    }
+
+    /// Applies `commands` in one transaction and answers them after the commit.
+    fn apply_batch(&mut self, commands: Vec<Command>) {
+        let mut pending: Vec<Box<dyn Pending>> = Vec::with_capacity(commands.len());
+        let outcome = self.transaction(commands, &mut pending);
+        self.ready.store(outcome.is_ok(), Ordering::Relaxed);
+        if let Err(err) = &outcome {
+            tracing::error!(error = %err, "store commit failed; answering 503 until it recovers");
+        }
+        for answer in pending {
+            answer.send(outcome.as_ref().err());
+        }
+    }
+
+    fn transaction(
+        &mut self,
+        commands: Vec<Command>,
+        pending: &mut Vec<Box<dyn Pending>>,
+    ) -> Result<(), StoreError> {
+        let begin = self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db_error);
+        let mut aborted = begin.err();
+        for command in commands {
+            if let Some(err) = &aborted {
+                fail(command, err);
+                continue;
+            }
+            let answer = self.apply_one(command);
+            // Some errors (disk full, I/O) roll back the whole transaction:
+            // then nothing of this batch can be committed.
+            if self.conn.is_autocommit() {
+                aborted = Some(StoreError::Database(
+                    "transaction rolled back by the database".into(),
+                ));
+            }
+            pending.push(answer);
+        }
+        if let Some(err) = aborted {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(err);
+        }
+        if self.last_prune.elapsed() >= DEDUPE_PRUNE_EVERY {
+            self.last_prune = std::time::Instant::now();
+            if let Err(err) = prune_dedupe(&self.conn, now_ms() - self.dedupe_window_ms) {
+                tracing::warn!(error = %err, "could not prune expired dedupe keys");
+            }
+        }
+        if let Err(err) = self.conn.execute_batch("COMMIT") {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(db_error(err));
+        }
+        Ok(())
+    }
+
+    /// Runs one command inside a savepoint; its own failure is its own answer.
+    fn apply_one(&mut self, command: Command) -> Box<dyn Pending> {
+        fn isolated<T>(
+            conn: &Connection,
+            work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+        ) -> Result<T, StoreError> {
+            conn.execute_batch("SAVEPOINT command").map_err(db_error)?;
+            match work(conn) {
+                Ok(value) => {
+                    conn.execute_batch("RELEASE command").map_err(db_error)?;
+                    Ok(value)
+                }
+                Err(err) => {
+                    if !conn.is_autocommit() {
+                        let _ = conn.execute_batch("ROLLBACK TO command; RELEASE command");
+                    }
+                    Err(db_error(err))
+                }
+            }
+        }
+        let window = self.dedupe_window_ms;
+        let conn = &self.conn;
+        match command {
+            Command::Accept(postback, reply) => {
+                Box::new((reply, isolated(conn, |c| accept(c, &postback, window))))
+            }
+            Command::Quarantine(entry, reply) => {
+                Box::new((reply, isolated(conn, |c| quarantine(c, &entry))))
+            }
+            Command::Claim {
+                target,
+                limit,
+                lease,
+                reply,
+            } => Box::new((reply, isolated(conn, |c| claim(c, &target, limit, lease)))),
+            Command::Complete(job, outcome, reply) => {
+                Box::new((reply, isolated(conn, |c| complete(c, job, &outcome))))
+            }
+            Command::Close(_) => unreachable!("close is handled by the run loop"),
+        }
+    }
+}
+
+/// Answers a command that cannot run because its batch already failed.
+fn fail(command: Command, err: &StoreError) {
+    let err = Err(err.clone());
+    match command {
+        Command::Accept(_, reply) => drop(reply.send(err.map(|()| Acceptance::Accepted))),
+        Command::Quarantine(_, reply) => drop(reply.send(err)),
+        Command::Claim { reply, .. } => drop(reply.send(err.map(|()| Vec::new()))),
+        Command::Complete(_, _, reply) => drop(reply.send(err)),
+        Command::Close(reply) => drop(reply.send(err)),
+    }
+}
+
+fn accept(
+    conn: &Connection,
+    postback: &NewPostback,
+    window_ms: i64,
+) -> rusqlite::Result<Acceptance> {
+    let now = postback.received_at_ms;
+    let seen: Option<(String, i64)> = conn
+        .prepare_cached("SELECT event_id, accepted_at FROM dedupe WHERE key = ?1")?
+        .query_row([&postback.dedupe_key], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    if let Some((original_id, accepted_at)) = seen {
+        if accepted_at >= now - window_ms {
+            return Ok(Acceptance::Duplicate { original_id });
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO dedupe (key, event_id, accepted_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id, accepted_at = excluded.accepted_at",
+    )?
+    .execute(params![postback.dedupe_key, postback.id, now])?;
+    conn.prepare_cached(
+        "INSERT INTO events (id, received_at, envelope, raw_body, content_type) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        postback.id,
+        now,
+        &postback.envelope[..],
+        &postback.raw_body[..],
+        postback.content_type
+    ])?;
+    if postback.targets.is_empty() {
+        conn.prepare_cached(
+            "INSERT INTO dead_letters (event_id, target, reason, attempts, dead_at) VALUES (?1, ?2, 'no route', 0, ?3)",
+        )?
+        .execute(params![postback.id, NO_ROUTE_TARGET, now])?;
+    }
+    let mut insert_job = conn.prepare_cached(
+        "INSERT INTO jobs (event_id, target, created_at, next_at) VALUES (?1, ?2, ?3, ?3)",
+    )?;
+    for target in &postback.targets {
+        insert_job.execute(params![postback.id, target, now])?;
+    }
+    Ok(Acceptance::Accepted)
+}
+
+fn quarantine(conn: &Connection, entry: &QuarantineEntry) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO quarantine (body_hash, body, content_type, error, first_seen, last_seen, seen_count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, 1)
+         ON CONFLICT (body_hash) DO UPDATE SET last_seen = excluded.last_seen,
+             seen_count = seen_count + 1, error = excluded.error",
+    )?
+    .execute(params![
+        entry.body_hash,
+        &entry.body[..],
+        entry.content_type,
+        entry.error,
+        entry.received_at_ms
+    ])?;
+    Ok(())
+}
+
+/// Leases due jobs by moving their `next_at` past the lease, so the due index
+/// skips them until the lease ends or the attempt completes.
+fn claim(
+    conn: &Connection,
+    target: &str,
+    limit: usize,
+    lease: Duration,
+) -> rusqlite::Result<Vec<Job>> {
+    let now = now_ms();
+    let lease_until = now + lease.as_millis() as i64;
+    let mut statement = conn.prepare_cached(
+        "UPDATE jobs SET next_at = ?3, lease_until = ?3
+         WHERE id IN (SELECT id FROM jobs WHERE target = ?1 AND next_at <= ?2 ORDER BY next_at, id LIMIT ?4)
+         RETURNING id, event_id, attempts, created_at",
+    )?;
+    let claimed: Vec<(JobId, String, u32, i64)> = statement
+        .query_map(params![target, now, lease_until, limit as i64], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut event =
+        conn.prepare_cached("SELECT envelope, raw_body, content_type FROM events WHERE id = ?1")?;
+    let mut jobs = Vec::with_capacity(claimed.len());
+    for (id, event_id, attempts, created_at_ms) in claimed {
+        let (envelope, raw_body, content_type): (Vec<u8>, Vec<u8>, Option<String>) = event
+            .query_row([&event_id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?;
+        jobs.push(Job {
+            id,
+            event_id,
+            target: target.to_owned(),
+            attempts,
+            created_at_ms,
+            envelope: Bytes::from(envelope),
+            raw_body: Bytes::from(raw_body),
+            content_type,
+        });
+    }
+    jobs.sort_by_key(|job| job.id);
+    Ok(jobs)
+}
+
+fn complete(conn: &Connection, job: JobId, outcome: &Outcome) -> rusqlite::Result<()> {
+    match outcome {
+        Outcome::Delivered => {
+            let event_id: Option<String> = conn
+                .prepare_cached("DELETE FROM jobs WHERE id = ?1 RETURNING event_id")?
+                .query_row([job], |row| row.get(0))
+                .optional()?;
+            if let Some(event_id) = event_id {
+                forget_event_if_done(conn, &event_id)?;
+            }
+        }
+        Outcome::Retry {
+            next_at_ms,
+            status,
+            error,
+        } => {
+            conn.prepare_cached(
+                "UPDATE jobs SET attempts = attempts + 1, next_at = ?2, lease_until = 0,
+                     last_status = ?3, last_error = ?4 WHERE id = ?1",
+            )?
+            .execute(params![job, next_at_ms, status, error])?;
+        }
+        Outcome::Dead {
+            reason,
+            status,
+            error,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO dead_letters (event_id, target, reason, attempts, last_status, last_error, dead_at)
+                 SELECT event_id, target, ?2, attempts + 1, ?3, ?4, ?5 FROM jobs WHERE id = ?1",
+            )?
+            .execute(params![job, reason, status, error, now_ms()])?;
+            conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                .execute([job])?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes dedupe keys older than the window, a bounded number at a time.
+fn prune_dedupe(conn: &Connection, before_ms: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE accepted_at < ?1 LIMIT ?2)",
+    )?
+    .execute(params![before_ms, DEDUPE_PRUNE_LIMIT])
+}
+
+/// Drops an event's bodies once no job and no dead letter needs them.
+fn forget_event_if_done(conn: &Connection, event_id: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "DELETE FROM events WHERE id = ?1
+           AND NOT EXISTS (SELECT 1 FROM jobs WHERE event_id = ?1)
+           AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = ?1)",
+    )?
+    .execute([event_id])?;
+    Ok(())
+}
