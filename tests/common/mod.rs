@@ -1,0 +1,409 @@
+//! Test harness shared by the integration tests: a relay started in-process on
+//! ephemeral loopback ports with its store in a temporary directory, sink servers
+//! that record what they receive and answer as told, and a small HTTP client.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use postback_relay::config::Config;
+use postback_relay::relay::{self, RelayHandle};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+/// The seed MMS MO example from Sinch's documentation, verbatim.
+pub const SEED_XML: &str = r#"<postback>
+    <origin>MMS_MO</origin>
+    <code>N401</code>
+    <from>14082257140</from>
+    <to>28444</to>
+    <keyword>all</keyword>
+    <tracking-id>MMS_MO_iLnCRrL6</tracking-id>
+    <operator-id>31002</operator-id>
+    <timestamp>2014-02-03T11:19:49-05:00</timestamp>
+    <message-subject></message-subject>
+    <content>
+        <file>URL of Content Here</file>
+        <file>URL of Content Here</file>
+        <file>URL of Content Here</file>
+    </content>
+</postback>"#;
+
+/// The seed JSON example with its placeholders filled and its missing comma
+/// fixed (the documentation's own sample is not valid JSON).
+pub const SEED_JSON: &str = r#"{
+    "origin":"MMS_MO",
+    "code":"N401",
+    "from":"14082257140",
+    "to":"28444",
+    "message-subject":"Hello",
+    "tracking-id":"MMS_MO_json0001",
+    "timestamp":"2021-02-03T18:27:54.235957+00:00",
+    "content":[
+        {"file":"https://media.example/1.jpg"},
+        {"file":"https://media.example/2.jpg"}
+    ]
+}"#;
+
+/// An MO postback with a given tracking id, for tests that need many distinct ones.
+pub fn mo_xml(tracking_id: &str, keyword: &str, to: &str) -> String {
+    format!(
+        "<postback><origin>MMS_MO</origin><code>N401</code><from>14085550000</from>\
+         <to>{to}</to><keyword>{keyword}</keyword><tracking-id>{tracking_id}</tracking-id>\
+         <timestamp>2021-02-03T18:27:54Z</timestamp><content><file>https://m.example/{tracking_id}.jpg</file></content></postback>"
+    )
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A relay running in this process.
+pub struct TestRelay {
+    /// Holds the store and the config file; removed when the test ends.
+    pub dir: tempfile::TempDir,
+    /// The running relay (taken by `shutdown`).
+    pub handle: Option<RelayHandle>,
+    /// Full URL of the postback endpoint.
+    pub url: String,
+    /// Base URL of the admin listener.
+    pub admin: String,
+}
+
+/// Config text with ephemeral ports and the store in `dir`; `rest` adds
+/// targets, routes and any other section.
+pub fn config_yaml(dir: &Path, rest: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstore:\n  path: {}\n  busy_timeout: 200ms\n{rest}\n",
+        dir.join("relay.db").display()
+    )
+}
+
+/// Starts a relay whose config is the ephemeral basics plus `rest`.
+pub async fn start_relay(rest: &str) -> TestRelay {
+    let dir = tempfile::tempdir().expect("temp dir");
+    start_relay_in(dir, rest).await
+}
+
+/// Starts a relay with its store in an existing directory (for restarts).
+pub async fn start_relay_in(dir: tempfile::TempDir, rest: &str) -> TestRelay {
+    let path = dir.path().join("relay.yaml");
+    std::fs::write(&path, config_yaml(dir.path(), rest)).expect("write config");
+    let config = Config::load(&path).unwrap_or_else(|err| panic!("test config invalid: {err}"));
+    let handle = relay::start(config).await.expect("relay starts");
+    TestRelay {
+        url: format!("http://{}/sinch/postback", handle.ingest_addr),
+        admin: format!("http://{}", handle.admin_addr),
+        dir,
+        handle: Some(handle),
+    }
+}
+
+impl TestRelay {
+    /// Path of the relay's SQLite database, for looking at what it kept.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("relay.db")
+    }
+
+    /// Gracefully stops the relay and returns its directory for a restart.
+    pub async fn shutdown(mut self) -> tempfile::TempDir {
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(30), handle.shutdown())
+                .await
+                .expect("shutdown within 30 s")
+                .expect("clean shutdown");
+        }
+        self.dir
+    }
+
+    /// The value of one metric sample, e.g. `relay_dead_letters{target="a"}`.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let (status, body) = get(&format!("{}/metrics", self.admin)).await;
+        assert_eq!(status, 200);
+        metric_value(&body, sample)
+    }
+
+    /// Rows of a query against the relay's database (read-only).
+    pub fn query(&self, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open db read-only");
+        let mut statement = conn.prepare(sql).expect("valid query");
+        let columns = statement.column_count();
+        statement
+            .query_map([], |row| (0..columns).map(|i| row.get(i)).collect())
+            .expect("query runs")
+            .collect::<Result<_, _>>()
+            .expect("rows read")
+    }
+}
+
+/// Finds `sample` (name with labels, as printed) in a Prometheus text exposition.
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok())?
+        })
+}
+
+/// What a sink received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Request path.
+    pub path: String,
+    /// Request headers, names lowercase.
+    pub headers: Vec<(String, String)>,
+    /// Request body.
+    pub body: Bytes,
+    /// When it arrived.
+    pub at: std::time::Instant,
+}
+
+impl Received {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("sink received JSON")
+    }
+}
+
+/// How a sink answers one request.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Wait this long before answering (a slow or hung target).
+    pub delay: Duration,
+}
+
+impl Reply {
+    /// A plain answer with `status`.
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+type Responder = dyn Fn(usize, &Received) -> Reply + Send + Sync;
+
+/// An HTTP server standing in for an internal service. It records every request
+/// and answers with its responder, which sees how many requests came before.
+#[derive(Clone)]
+pub struct Sink {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    responder: Arc<Mutex<Arc<Responder>>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Sink {
+    /// A sink on an ephemeral port that answers 200.
+    pub async fn start() -> Sink {
+        Sink::start_on(TcpListener::bind("127.0.0.1:0").await.expect("bind sink")).await
+    }
+
+    /// A sink on a given address (to bring a "dead" target back).
+    pub async fn start_at(addr: SocketAddr) -> Sink {
+        Sink::start_on(TcpListener::bind(addr).await.expect("rebind sink address")).await
+    }
+
+    async fn start_on(listener: TcpListener) -> Sink {
+        let sink = Sink {
+            addr: listener.local_addr().expect("sink addr"),
+            received: Arc::default(),
+            responder: Arc::new(Mutex::new(Arc::new(|_, _| Reply::status(200)))),
+            stop: tokio_util::sync::CancellationToken::new(),
+        };
+        let server = sink.clone();
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    () = server.stop.cancelled() => return,
+                };
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.answer(request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        sink
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_owned();
+        let headers = request
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let received = Received {
+            path,
+            headers,
+            body,
+            at: std::time::Instant::now(),
+        };
+        let (index, responder) = {
+            let mut all = self.received.lock().unwrap();
+            all.push(received.clone());
+            (all.len() - 1, self.responder.lock().unwrap().clone())
+        };
+        let reply = responder(index, &received);
+        if !reply.delay.is_zero() {
+            tokio::time::sleep(reply.delay).await;
+        }
+        let mut response = Response::new(Full::new(Bytes::from_static(b"sink says hi")));
+        *response.status_mut() = StatusCode::from_u16(reply.status).expect("valid status");
+        for (name, value) in reply.headers {
+            response
+                .headers_mut()
+                .insert(name, value.parse().expect("valid header"));
+        }
+        response
+    }
+
+    /// Changes how the sink answers from now on.
+    pub fn respond(&self, responder: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static) {
+        *self.responder.lock().unwrap() = Arc::new(responder);
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Requests received on `path`.
+    pub fn received_on(&self, path: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// A URL on this sink.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits until `path` has received at least `count` requests.
+    pub async fn wait_for(&self, path: &str, count: usize, timeout: Duration) -> Vec<Received> {
+        eventually(timeout, &format!("{count} requests on {path}"), || {
+            let got = self.received_on(path);
+            async move { (got.len() >= count).then_some(got) }
+        })
+        .await
+    }
+
+    /// Stops accepting connections (established ones finish).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// A loopback address nothing listens on (a dead target).
+pub async fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// POSTs `body` and returns the status and the JSON answer (Null when not JSON).
+pub async fn post(url: &str, content_type: Option<&str>, body: impl Into<Bytes>) -> (u16, Value) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let mut request = Request::post(url);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.request(request.body(Full::new(body.into())).unwrap()),
+    )
+    .await
+    .expect("answer within 15 s")
+    .expect("request succeeds");
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// GETs `url` and returns the status and the body text.
+pub async fn get(url: &str) -> (u16, String) {
+    request_text("GET", url).await
+}
+
+/// Sends a body-less request with `method`.
+pub async fn request_text(method: &str, url: &str) -> (u16, String) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let request = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(15), client.request(request))
+        .await
+        .expect("answer within 15 s")
+        .expect("request succeeds");
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
