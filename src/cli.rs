@@ -49,6 +49,9 @@ pub enum LogFormat {
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
+    for name in crate::config::unrecognized_env_overrides() {
+        tracing::warn!(variable = %name, "ignoring environment variable: RELAY_ prefix but no such config key");
+    }
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(loaded) => {

@@ -412,7 +412,11 @@ impl Config {
         }
         let config: Config = Figment::new()
             .merge(Yaml::file_exact(file))
-            .merge(Env::prefixed("RELAY_").split("__"))
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .filter(|key| is_config_key(key.as_str()))
+                    .split("__"),
+            )
             .extract()
             .map_err(|err| ConfigError::Load {
                 file: shown.clone(),
@@ -552,6 +556,40 @@ impl TargetConfig {
         }
         Ok(())
     }
+}
+
+/// Environment variables with this prefix override config keys.
+const ENV_PREFIX: &str = "RELAY_";
+/// Top-level config keys; `RELAY_` variables outside them (say
+/// `RELAY_LOG_FORMAT`, read by the command line) are not config overrides.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "ingest",
+    "store",
+    "envelope",
+    "delivery",
+    "targets",
+    "routes",
+];
+/// `RELAY_` variables the command line reads itself.
+const CLI_ENV: &[&str] = &["LOG_FORMAT"];
+
+fn is_config_key(key_after_prefix: &str) -> bool {
+    let first = key_after_prefix.split("__").next().unwrap_or_default();
+    TOP_LEVEL_KEYS.iter().any(|k| k.eq_ignore_ascii_case(first))
+}
+
+/// `RELAY_*` variables that are neither config overrides nor command-line
+/// settings: most likely typos, worth a warning at start.
+pub fn unrecognized_env_overrides() -> Vec<String> {
+    std::env::vars()
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            let known = is_config_key(rest) || CLI_ENV.iter().any(|k| k.eq_ignore_ascii_case(rest));
+            (!known).then_some(name)
+        })
+        .collect()
 }
 
 /// The name a route is known by: its own, or `route-N` (1-based).
