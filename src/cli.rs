@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
@@ -96,23 +97,21 @@ pub fn main(cli: Cli) -> ExitCode {
 
 /// Starts the relay and stops it gracefully on SIGTERM or SIGINT.
 async fn run(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed before anything starts, so a SIGTERM during start-up drains too.
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let relay = crate::relay::start(config).await?;
     let token: CancellationToken = relay.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
+        }
         tracing::info!("shutdown requested; draining");
         token.cancel();
     });
     relay.wait().await
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
-    tokio::select! {
-        _ = terminate.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -124,6 +123,8 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // Without the module path: delivery events carry their own `target`
+        // field, and a flattened line must not hold the key twice.
+        LogFormat::Json => builder.json().flatten_event(true).with_target(false).init(),
     }
 }

@@ -208,7 +208,8 @@ pub struct BackoffConfig {
     /// Upper bound of the first retry delay.
     #[serde(default = "default_backoff_initial")]
     pub initial: HumanDuration,
-    /// Cap on any single retry delay.
+    /// Cap on any single retry delay the relay chooses; a target's `Retry-After`
+    /// is honoured even when longer (up to `max_age`).
     #[serde(default = "default_backoff_max")]
     pub max: HumanDuration,
     /// Growth factor of the delay bound per attempt.

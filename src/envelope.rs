@@ -98,6 +98,7 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)
         .or_else(|_| DateTime::parse_from_rfc3339(&text.replacen(' ', "T", 1)))
         .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z"))
+        .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%z"))
         .ok()
         .map(|time| time.with_timezone(&Utc))
 }
@@ -122,6 +123,7 @@ mod tests {
             ("2021-02-03T18:27:54Z", "2021-02-03T18:27:54Z"),
             ("2021-02-03 18:27:54+01:00", "2021-02-03T17:27:54Z"),
             ("2021-02-03T18:27:54+0100", "2021-02-03T17:27:54Z"),
+            ("2021-02-03 18:27:54+0100", "2021-02-03T17:27:54Z"),
         ] {
             assert_eq!(
                 parse_timestamp(input).map(rfc3339).as_deref(),

@@ -7,7 +7,7 @@
 //! quarantined, then answered 400.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -27,6 +27,9 @@ use crate::store::{now_ms, Acceptance, NewPostback, QuarantineEntry, Store, Stor
 
 /// Seconds Sinch is asked to wait after a 503 (it waits ~5 minutes anyway).
 const RETRY_AFTER_SECONDS: &str = "30";
+/// Longest wait for a complete body: Sinch gives up on an answer after 10 s and
+/// sends the postback again, and a stalled client must not hold a task forever.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything the handler needs, shared by all connections.
 pub struct Ingest {
@@ -106,19 +109,31 @@ impl Ingest {
         if declared_length.is_some_and(|length| length > self.max_body_bytes) {
             return ("unknown", Outcome::Invalid, self.too_large());
         }
-        let body = match Limited::new(request.into_body(), self.max_body_bytes)
-            .collect()
-            .await
-        {
-            Ok(collected) => collected.to_bytes(),
-            Err(err)
+        let read = tokio::time::timeout(
+            BODY_READ_TIMEOUT,
+            Limited::new(request.into_body(), self.max_body_bytes).collect(),
+        );
+        let body = match read.await {
+            Err(_elapsed) => {
+                tracing::warn!("request body not received in time");
+                return (
+                    "unknown",
+                    Outcome::Error,
+                    error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        &format!("body not received within {} s", BODY_READ_TIMEOUT.as_secs()),
+                    ),
+                );
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(err))
                 if err
                     .downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
                 return ("unknown", Outcome::Invalid, self.too_large());
             }
-            Err(err) => {
+            Ok(Err(err)) => {
                 tracing::warn!(error = %err, "could not read request body");
                 return (
                     "unknown",
@@ -175,7 +190,7 @@ impl Ingest {
             tracing::info!(
                 id, origin = postback.origin(), code = postback.code(),
                 tracking_id = postback.tracking_id().unwrap_or(""),
-                routes = ?decision.routes, targets = ?decision.targets,
+                routes = %decision.routes.join(","), targets = %decision.targets.join(","),
                 outcome, "postback"
             );
         };
@@ -248,7 +263,12 @@ impl Ingest {
 /// only identity there is.
 fn dedupe_key(postback: &Postback, body: &[u8]) -> String {
     match postback.tracking_id() {
-        Some(tracking_id) => format!("{}|{}|{}", postback.origin(), postback.code(), tracking_id),
+        Some(tracking_id) => format!(
+            "{}|{}|{}",
+            postback.origin().trim().to_ascii_uppercase(),
+            postback.code().trim().to_ascii_uppercase(),
+            tracking_id
+        ),
         None => format!("sha256:{}", hex::encode(Sha256::digest(body))),
     }
 }

@@ -166,7 +166,8 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     })
 }
 
-/// Keeps `relay_queue_pending` and `relay_dead_letters` close to the store's truth.
+/// Keeps `relay_queue_pending` and `relay_dead_letters` close to the store's
+/// truth, and probes a store that failed so `/readyz` recovers without traffic.
 async fn refresh_gauges(
     store: Arc<dyn Store>,
     metrics: Metrics,
@@ -174,6 +175,10 @@ async fn refresh_gauges(
     shutdown: CancellationToken,
 ) {
     loop {
+        if !store.is_ready() {
+            // The outcome is recorded in the ready flag by the store itself.
+            let _ = store.probe().await;
+        }
         match store.stats().await {
             Ok(stats) => metrics.set_queue(&targets, &stats),
             Err(err) => tracing::warn!(error = %err, "cannot read queue figures"),

@@ -249,6 +249,8 @@ async fn attempt(target: &Target, store: &dyn Store, metrics: &Metrics, job: Job
             }
         }
     };
+    // 0 when the target gave no HTTP answer (connection error, timeout, file).
+    let status = result.status.unwrap_or(0);
     let label = match &outcome {
         Outcome::Delivered => "delivered",
         Outcome::Retry { .. } => "retried",
@@ -261,16 +263,16 @@ async fn attempt(target: &Target, store: &dyn Store, metrics: &Metrics, job: Job
     match &outcome {
         Outcome::Delivered => tracing::info!(
             id = %job.event_id, target = %target.name, attempt = attempt_number,
-            status = ?result.status, "delivered"
+            status, "delivered"
         ),
         Outcome::Retry { next_at_ms, .. } => tracing::warn!(
             id = %job.event_id, target = %target.name, attempt = attempt_number,
-            status = ?result.status, error = %result.error,
+            status, error = %result.error,
             retry_in_ms = next_at_ms - now_ms(), "delivery failed; will retry"
         ),
         Outcome::Dead { reason, .. } => tracing::error!(
             id = %job.event_id, target = %target.name, attempt = attempt_number,
-            status = ?result.status, error = %result.error, reason = %reason,
+            status, error = %result.error, reason = %reason,
             "delivery given up; kept as dead letter"
         ),
     }

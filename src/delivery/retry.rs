@@ -73,7 +73,7 @@ impl RetryPolicy {
 
     /// What to do after the `attempt`-th failed attempt of a job created
     /// `age` ago. `jitter` is uniform in `[0, 1)`; `retry_after` is the
-    /// target's own request, honoured up to `max`.
+    /// target's own request, honoured even beyond `max` (only `max_age` bounds it).
     pub fn after_failure(
         &self,
         attempt: u32,
@@ -85,10 +85,10 @@ impl RetryPolicy {
             return Next::GiveUp("max attempts reached");
         }
         let delay = match retry_after {
-            Some(wanted) => wanted.min(self.max),
+            Some(wanted) => wanted,
             None => self.delay_bound(attempt).mul_f64(jitter.clamp(0.0, 1.0)),
         };
-        if age + delay > self.max_age {
+        if age.saturating_add(delay) > self.max_age {
             return Next::GiveUp("max age exceeded");
         }
         Next::RetryIn(delay)
@@ -194,8 +194,16 @@ mod tests {
             Next::RetryIn(Duration::from_secs(30))
         );
         assert_eq!(
+            p.after_failure(1, Duration::ZERO, Some(Duration::from_secs(3_600)), 0.0),
+            Next::RetryIn(Duration::from_secs(3_600))
+        );
+        assert_eq!(
             p.after_failure(1, Duration::ZERO, Some(Duration::from_secs(99_999)), 0.0),
-            Next::RetryIn(Duration::from_secs(600))
+            Next::GiveUp("max age exceeded")
+        );
+        assert_eq!(
+            p.after_failure(1, Duration::from_secs(1), Some(Duration::MAX), 0.0),
+            Next::GiveUp("max age exceeded")
         );
     }
 

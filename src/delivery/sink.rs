@@ -50,6 +50,7 @@ impl Attempt {
 }
 
 /// Where a target's deliveries go.
+#[allow(clippy::large_enum_variant)] // one per target, never moved in a hot path
 pub enum Sink {
     /// An HTTP(S) webhook.
     Http(HttpSink),
@@ -104,8 +105,12 @@ impl HttpSink {
                 HeaderValue::from_str(&content_type)
                     .unwrap_or(HeaderValue::from_static("application/octet-stream")),
             );
-        for (name, value) in &self.headers {
-            request = request.header(name, value);
+        if let Some(headers) = request.headers_mut() {
+            // Configured headers replace the defaults above (a custom
+            // Content-Type, say) rather than doubling them.
+            for (name, value) in &self.headers {
+                headers.insert(name, value.clone());
+            }
         }
         if let Some(key) = &self.signing {
             let timestamp = chrono::Utc::now().timestamp();

@@ -157,6 +157,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Job>, StoreError>;
     /// Records the end of an attempt.
     async fn complete(&self, job: JobId, outcome: Outcome) -> Result<(), StoreError>;
+    /// A small durable write, so readiness recovers by itself once the store
+    /// can commit again, even when no postback arrives.
+    async fn probe(&self) -> Result<(), StoreError>;
     /// Pending and dead counts per target.
     async fn stats(&self) -> Result<Vec<TargetStats>, StoreError>;
     /// Whether the last write succeeded; drives `/readyz`.

@@ -73,6 +73,10 @@ CREATE TABLE dedupe (
     accepted_at INTEGER NOT NULL
 );
 CREATE INDEX dedupe_age ON dedupe (accepted_at);
+CREATE TABLE heartbeat (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 CREATE TABLE quarantine (
     body_hash    TEXT PRIMARY KEY,
     body         BLOB NOT NULL,
@@ -118,6 +122,7 @@ enum Command {
         reply: Reply<Vec<Job>>,
     },
     Complete(JobId, Outcome, Reply<()>),
+    Probe(Reply<()>),
     Close(Reply<()>),
 }
 
@@ -198,6 +203,10 @@ impl Store for SqliteStore {
     async fn complete(&self, job: JobId, outcome: Outcome) -> Result<(), StoreError> {
         self.call(|reply| Command::Complete(job, outcome, reply))
             .await
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.call(Command::Probe).await
     }
 
     async fn stats(&self) -> Result<Vec<TargetStats>, StoreError> {
@@ -339,7 +348,7 @@ impl Writer {
                 while let Ok(command) = receiver.try_recv() {
                     batch.push(command);
                 }
-                let rest: Vec<Command> = batch.drain(..).collect();
+                let rest: Vec<Command> = std::mem::take(&mut batch);
                 if !rest.is_empty() {
                     self.apply_batch(rest);
                 }
@@ -443,6 +452,16 @@ impl Writer {
             Command::Complete(job, outcome, reply) => {
                 Box::new((reply, isolated(conn, |c| complete(c, job, &outcome))))
             }
+            Command::Probe(reply) => Box::new((
+                reply,
+                isolated(conn, |c| {
+                    c.prepare_cached(
+                        "INSERT INTO heartbeat (id, at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                    )?
+                    .execute([now_ms()])
+                    .map(drop)
+                }),
+            )),
             Command::Close(_) => unreachable!("close is handled by the run loop"),
         }
     }
@@ -455,8 +474,9 @@ fn fail(command: Command, err: &StoreError) {
         Command::Accept(_, reply) => drop(reply.send(err.map(|()| Acceptance::Accepted))),
         Command::Quarantine(_, reply) => drop(reply.send(err)),
         Command::Claim { reply, .. } => drop(reply.send(err.map(|()| Vec::new()))),
-        Command::Complete(_, _, reply) => drop(reply.send(err)),
-        Command::Close(reply) => drop(reply.send(err)),
+        Command::Complete(_, _, reply) | Command::Probe(reply) | Command::Close(reply) => {
+            drop(reply.send(err))
+        }
     }
 }
 
