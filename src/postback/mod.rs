@@ -247,22 +247,7 @@ fn content_files(content: &Value) -> Option<Vec<String>> {
 mod tests {
     use super::*;
 
-    const SEED_XML: &str = r#"<postback>
-    <origin>MMS_MO</origin>
-    <code>N401</code>
-    <from>14082257140</from>
-    <to>28444</to>
-    <keyword>all</keyword>
-    <tracking-id>MMS_MO_iLnCRrL6</tracking-id>
-    <operator-id>31002</operator-id>
-    <timestamp>2014-02-03T11:19:49-05:00</timestamp>
-    <message-subject></message-subject>
-    <content>
-        <file>URL of Content Here</file>
-        <file>URL of Content Here</file>
-        <file>URL of Content Here</file>
-    </content>
-</postback>"#;
+    const SEED_XML: &str = include_str!("../../tests/fixtures/seed-mo.xml");
 
     #[test]
     fn seed_xml_parses_with_all_fields() {

@@ -22,38 +22,11 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 /// The seed MMS MO example from Sinch's documentation, verbatim.
-pub const SEED_XML: &str = r#"<postback>
-    <origin>MMS_MO</origin>
-    <code>N401</code>
-    <from>14082257140</from>
-    <to>28444</to>
-    <keyword>all</keyword>
-    <tracking-id>MMS_MO_iLnCRrL6</tracking-id>
-    <operator-id>31002</operator-id>
-    <timestamp>2014-02-03T11:19:49-05:00</timestamp>
-    <message-subject></message-subject>
-    <content>
-        <file>URL of Content Here</file>
-        <file>URL of Content Here</file>
-        <file>URL of Content Here</file>
-    </content>
-</postback>"#;
+pub const SEED_XML: &str = include_str!("../fixtures/seed-mo.xml");
 
 /// The seed JSON example with its placeholders filled and its missing comma
 /// fixed (the documentation's own sample is not valid JSON).
-pub const SEED_JSON: &str = r#"{
-    "origin":"MMS_MO",
-    "code":"N401",
-    "from":"14082257140",
-    "to":"28444",
-    "message-subject":"Hello",
-    "tracking-id":"MMS_MO_json0001",
-    "timestamp":"2021-02-03T18:27:54.235957+00:00",
-    "content":[
-        {"file":"https://media.example/1.jpg"},
-        {"file":"https://media.example/2.jpg"}
-    ]
-}"#;
+pub const SEED_JSON: &str = include_str!("../fixtures/seed-mo.json");
 
 /// An MO postback with a given tracking id, for tests that need many distinct ones.
 pub fn mo_xml(tracking_id: &str, keyword: &str, to: &str) -> String {
