@@ -1507,3 +1507,36 @@ async fn metrics_count_postbacks_by_format_and_outcome() {
     assert!(sum >= 0.0);
     relay.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------
+// HTTP/2 when the client asks
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn http2_clients_are_served_too() {
+    use http_body_util::{BodyExt, Full};
+    let sink = Sink::start().await;
+    let relay = start_relay(&archive_to(&sink)).await;
+    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let request = hyper::Request::post(&relay.url)
+        .header("content-type", "text/xml")
+        .body(Full::new(bytes::Bytes::from(mo_xml(
+            "H2-1", "all", "28444",
+        ))))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .expect("answer within 10 s")
+        .expect("HTTP/2 request succeeds");
+    assert_eq!(response.version(), hyper::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["status"], "accepted");
+    let got = sink.wait_for("/inbox", 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].json()["id"], answer["id"]);
+    relay.shutdown().await;
+}

@@ -54,6 +54,21 @@ pub enum ParseError {
     /// `origin` or `code` is absent or empty.
     #[error("missing required field `{0}`")]
     MissingField(&'static str),
+    /// Bigger or deeper than any real postback (see [`limits`]).
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// Bounds no real postback comes near; they keep hostile bodies cheap.
+pub mod limits {
+    /// Nesting of elements or objects (root, wrapper, content, file, ...).
+    pub const MAX_DEPTH: usize = 16;
+    /// Fields and list items in the whole document.
+    pub const MAX_VALUES: usize = 1_000;
+    /// Content files of one postback (MMS carriers allow a handful).
+    pub const MAX_FILES: usize = 100;
+    /// Bytes of one field value (a long subject or a content URL is far below).
+    pub const MAX_FIELD_BYTES: usize = 64 * 1024;
 }
 
 /// One postback with canonical field names; all scalar values are strings.
@@ -91,6 +106,7 @@ impl Postback {
 
     /// Builds a postback from a tree produced by the XML or JSON reader.
     fn from_tree(format: Format, tree: Value) -> Result<Postback, ParseError> {
+        check_limits(&tree)?;
         let Value::Object(top) = tree else {
             return Err(ParseError::Shape(
                 "top level must be an object of postback fields".into(),
@@ -115,6 +131,13 @@ impl Postback {
             },
             None => Vec::new(),
         };
+        if files.len() > limits::MAX_FILES {
+            return Err(ParseError::Limit(format!(
+                "too many content files: {} (at most {})",
+                files.len(),
+                limits::MAX_FILES
+            )));
+        }
         for required in ["origin", "code"] {
             match fields.get(required) {
                 Some(Value::String(value)) if !value.trim().is_empty() => {}
@@ -162,6 +185,47 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<Postback, ParseE
         Format::Json => json::read_tree(trimmed)?,
     };
     Postback::from_tree(format, tree)
+}
+
+/// Refuses trees deeper, larger or with longer values than [`limits`] allow,
+/// before any of it is copied.
+fn check_limits(tree: &Value) -> Result<(), ParseError> {
+    let mut values = 0usize;
+    let mut stack = vec![(tree, 1usize)];
+    while let Some((value, depth)) = stack.pop() {
+        if depth > limits::MAX_DEPTH {
+            return Err(ParseError::Limit(format!(
+                "nested deeper than {} levels",
+                limits::MAX_DEPTH
+            )));
+        }
+        values += 1;
+        if values > limits::MAX_VALUES {
+            return Err(ParseError::Limit(format!(
+                "more than {} fields",
+                limits::MAX_VALUES
+            )));
+        }
+        match value {
+            Value::String(text) if text.len() > limits::MAX_FIELD_BYTES => {
+                return Err(ParseError::Limit(format!(
+                    "a field value is longer than {} bytes",
+                    limits::MAX_FIELD_BYTES
+                )));
+            }
+            Value::Array(items) => stack.extend(items.iter().map(|item| (item, depth + 1))),
+            Value::Object(object) => {
+                for (key, item) in object {
+                    if key.len() > limits::MAX_FIELD_BYTES {
+                        return Err(ParseError::Limit("a field name is too long".into()));
+                    }
+                    stack.push((item, depth + 1));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The first few characters of a body, for error messages.
@@ -341,6 +405,37 @@ mod tests {
             Err(ParseError::Xml(_))
         ));
         assert!(matches!(parse(b"[1,2]", None), Err(ParseError::Shape(_))));
+    }
+
+    #[test]
+    fn hostile_sizes_are_refused() {
+        let many_files: String = (0..=limits::MAX_FILES)
+            .map(|i| format!("<file>u{i}</file>"))
+            .collect();
+        let body = format!("<postback><origin>MMS_MO</origin><code>N401</code><content>{many_files}</content></postback>");
+        assert!(
+            matches!(parse(body.as_bytes(), None), Err(ParseError::Limit(m)) if m.contains("files"))
+        );
+        let long = "x".repeat(limits::MAX_FIELD_BYTES + 1);
+        let body = format!(r#"{{"origin":"MMS_MO","code":"N401","keyword":"{long}"}}"#);
+        assert!(
+            matches!(parse(body.as_bytes(), None), Err(ParseError::Limit(m)) if m.contains("longer"))
+        );
+        let deep = format!(
+            r#"{{"origin":"MMS_MO","code":"N401","x":{}1{}}}"#,
+            "[".repeat(20),
+            "]".repeat(20)
+        );
+        assert!(
+            matches!(parse(deep.as_bytes(), None), Err(ParseError::Limit(m)) if m.contains("deeper"))
+        );
+        let wide: String = (0..limits::MAX_VALUES)
+            .map(|i| format!(r#","f{i}":"v""#))
+            .collect();
+        let body = format!(r#"{{"origin":"MMS_MO","code":"N401"{wide}}}"#);
+        assert!(
+            matches!(parse(body.as_bytes(), None), Err(ParseError::Limit(m)) if m.contains("fields"))
+        );
     }
 
     #[test]

@@ -15,11 +15,8 @@ use quick_xml::events::Event;
 use quick_xml::Reader;
 use serde_json::{Map, Value};
 
+use super::limits::MAX_DEPTH;
 use super::ParseError;
-
-/// Deeper than any real postback (root, wrapper, content, file, ...), shallow
-/// enough that hostile nesting costs nothing.
-const MAX_DEPTH: usize = 16;
 
 /// One element being read: its name, its child elements, and its text.
 struct Open {
