@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -101,17 +102,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Installed before anything starts, so a SIGTERM during start-up drains too.
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    let relay = crate::relay::start(config).await?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let relay = Arc::new(crate::relay::start(config).await?);
     let token: CancellationToken = relay.shutdown_token();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => {},
-            _ = interrupt.recv() => {},
+    let signals = tokio::spawn({
+        let relay = relay.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = hangup.recv() => relay.reload(),
+                    _ = terminate.recv() => break,
+                    _ = interrupt.recv() => break,
+                }
+            }
+            tracing::info!("shutdown requested; draining");
+            token.cancel();
         }
-        tracing::info!("shutdown requested; draining");
-        token.cancel();
     });
-    relay.wait().await
+    let result = relay.stopped().await;
+    signals.abort();
+    result
 }
 
 fn init_logging(format: LogFormat) {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Yaml};
 use figment::Figment;
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 /// A duration written the human way (`500ms`, `10s`, `5m`, `24h`).
@@ -27,6 +28,40 @@ impl<'de> Deserialize<'de> for HumanDuration {
             .map_err(|err| {
                 serde::de::Error::custom(format!(
                     "invalid duration `{text}` ({err}); write it like `500ms`, `10s`, `5m` or `24h`"
+                ))
+            })
+    }
+}
+
+/// An address range written as a CIDR (`203.0.113.0/24`) or a single address
+/// (`203.0.113.7`, `2001:db8::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl Cidr {
+    /// Whether `addr` is inside the range; IPv4-mapped IPv6 addresses count as IPv4.
+    pub fn contains(&self, addr: std::net::IpAddr) -> bool {
+        let addr = match addr {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(addr),
+            v4 => v4,
+        };
+        self.0.contains(&addr)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let text = text.trim();
+        text.parse::<IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map(Cidr)
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{text}` is not an IP address or CIDR range (like 203.0.113.0/24)"
                 ))
             })
     }
@@ -65,6 +100,8 @@ pub struct Config {
     /// How postbacks are accepted.
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// Serve the public listener over TLS.
+    pub tls: Option<TlsConfig>,
     /// Where accepted postbacks and pending deliveries live.
     #[serde(default)]
     pub store: StoreConfig,
@@ -100,6 +137,31 @@ pub struct IngestConfig {
     /// sends every postback of an account over one persistent connection.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// A new connection, or one that started a request after being idle, must
+    /// deliver the request's headers within this time (slowloris defence).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: HumanDuration,
+    /// A request's body must arrive within this time, or it is answered 408.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout: HumanDuration,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Source addresses (IPs or CIDRs) allowed to post; empty allows everyone
+    /// (with a warning at start). Sinch gives its list at onboarding.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Load balancers whose `X-Forwarded-For` or PROXY header is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    /// Expect a PROXY protocol v1/v2 header from trusted proxies (L4 balancers
+    /// such as HAProxy or AWS NLB).
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Require HTTP basic auth (Sinch can be given `https://user:pass@host/...`).
+    pub basic_auth: Option<BasicAuthConfig>,
+    /// Require a secret last path segment: Sinch posts to `{path}/{token}`.
+    pub path_token: Option<SecretSource>,
 }
 
 impl Default for IngestConfig {
@@ -109,8 +171,65 @@ impl Default for IngestConfig {
             max_body_bytes: default_max_body_bytes(),
             dedupe_window: default_dedupe_window(),
             idle_timeout: default_idle_timeout(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            max_connections: default_max_connections(),
+            allow: Vec::new(),
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            basic_auth: None,
+            path_token: None,
         }
     }
+}
+
+/// HTTP basic auth credentials for the public endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    /// The user name Sinch sends.
+    pub username: String,
+    /// Where the password comes from (never inline in the file).
+    pub password: SecretSource,
+}
+
+/// A secret kept out of the config file: read from a file or an environment
+/// variable when the relay starts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// A file holding the secret (trailing newline ignored).
+    pub file: Option<PathBuf>,
+    /// An environment variable holding the secret.
+    pub env: Option<String>,
+}
+
+impl SecretSource {
+    /// Reads the secret; the error says what is missing.
+    pub fn resolve(&self) -> Result<String, String> {
+        let secret = match (&self.file, &self.env) {
+            (Some(file), None) => std::fs::read_to_string(file)
+                .map_err(|err| format!("cannot read {}: {err}", file.display()))?,
+            (None, Some(name)) => std::env::var(name)
+                .map_err(|_| format!("environment variable `{name}` is not set"))?,
+            _ => return Err("give exactly one of `file` or `env`".into()),
+        };
+        let secret = secret.trim_end_matches(['\r', '\n']).to_owned();
+        if secret.is_empty() {
+            return Err("the secret is empty".into());
+        }
+        Ok(secret)
+    }
+}
+
+/// TLS on the public listener, for deployments without a TLS-terminating proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first; re-read on SIGHUP.
+    pub cert: PathBuf,
+    /// PEM private key; re-read on SIGHUP.
+    pub key: PathBuf,
 }
 
 /// The embedded SQLite store.
@@ -347,6 +466,15 @@ fn default_dedupe_window() -> HumanDuration {
 fn default_idle_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(120))
 }
+fn default_header_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_body_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_max_connections() -> usize {
+    1024
+}
 fn default_store_path() -> PathBuf {
     PathBuf::from("data/relay.db")
 }
@@ -441,6 +569,41 @@ impl Config {
         }
         if self.ingest.max_body_bytes == 0 {
             return fail("ingest.max_body_bytes".into(), "must be above 0".into());
+        }
+        if self.ingest.max_connections == 0 {
+            return fail("ingest.max_connections".into(), "must be at least 1".into());
+        }
+        if self.ingest.proxy_protocol && self.ingest.trusted_proxies.is_empty() {
+            return fail(
+                "ingest.proxy_protocol".into(),
+                "needs `ingest.trusted_proxies`: a PROXY header is only believed from them".into(),
+            );
+        }
+        if let Some(auth) = &self.ingest.basic_auth {
+            if auth.username.is_empty() || auth.username.contains(':') {
+                return fail(
+                    "ingest.basic_auth.username".into(),
+                    "must be non-empty and without `:`".into(),
+                );
+            }
+            auth.password
+                .resolve()
+                .map_err(|message| ("ingest.basic_auth.password".to_owned(), message))?;
+        }
+        if let Some(token) = &self.ingest.path_token {
+            let token = token
+                .resolve()
+                .map_err(|message| ("ingest.path_token".to_owned(), message))?;
+            if token.contains('/') || token.len() < 16 {
+                return fail(
+                    "ingest.path_token".into(),
+                    "must be at least 16 characters, without `/`".into(),
+                );
+            }
+        }
+        if let Some(tls) = &self.tls {
+            crate::tls::load_server_config(&tls.cert, &tls.key)
+                .map_err(|message| ("tls".to_owned(), message))?;
         }
         if self.delivery.concurrency == 0 {
             return fail("delivery.concurrency".into(), "must be at least 1".into());
@@ -566,6 +729,7 @@ const ENV_PREFIX: &str = "RELAY_";
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "admin_listen",
+    "tls",
     "ingest",
     "store",
     "envelope",

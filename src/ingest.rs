@@ -12,11 +12,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{
+    HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::access::{AccessPolicy, ConnectionInfo, Denied};
 use crate::delivery::Wakers;
 use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse};
@@ -27,9 +30,6 @@ use crate::store::{now_ms, Acceptance, NewPostback, QuarantineEntry, Store, Stor
 
 /// Seconds Sinch is asked to wait after a 503 (it waits ~5 minutes anyway).
 const RETRY_AFTER_SECONDS: &str = "30";
-/// Longest wait for a complete body: Sinch gives up on an answer after 10 s and
-/// sends the postback again, and a stalled client must not hold a task forever.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything the handler needs, shared by all connections.
 pub struct Ingest {
@@ -37,6 +37,11 @@ pub struct Ingest {
     pub path: String,
     /// Largest body accepted.
     pub max_body_bytes: usize,
+    /// Longest wait for a complete body: a stalled client must not hold a
+    /// task forever (Sinch itself gives up after 10 s and sends again).
+    pub body_read_timeout: Duration,
+    /// Allowlist, trusted proxies, credentials.
+    pub access: AccessPolicy,
     /// CloudEvents `source`.
     pub source: String,
     /// Routing table.
@@ -71,9 +76,20 @@ impl Outcome {
 
 impl Ingest {
     /// Handles one request on the public listener.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> HttpResponse {
-        if request.uri().path() != self.path {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        connection: ConnectionInfo,
+    ) -> HttpResponse {
+        let Some(rest) = request.uri().path().strip_prefix(self.path.as_str()) else {
             return error(StatusCode::NOT_FOUND, "not found");
+        };
+        if !(rest.is_empty() || self.access.uses_path_token() && rest.starts_with('/')) {
+            return error(StatusCode::NOT_FOUND, "not found");
+        }
+        let client = self.access.client_addr(&connection, request.headers());
+        if let Err(denied) = self.access.check(client, request.headers(), rest) {
+            return self.deny(denied, client, &connection);
         }
         if request.method() != Method::POST {
             let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "only POST is allowed here");
@@ -110,18 +126,25 @@ impl Ingest {
             return ("unknown", Outcome::Invalid, self.too_large());
         }
         let read = tokio::time::timeout(
-            BODY_READ_TIMEOUT,
+            self.body_read_timeout,
             Limited::new(request.into_body(), self.max_body_bytes).collect(),
         );
         let body = match read.await {
             Err(_elapsed) => {
-                tracing::warn!("request body not received in time");
+                self.metrics
+                    .connection_timeouts
+                    .with_label_values(&["ingest", "body"])
+                    .inc();
+                tracing::warn!("request body not received in time; answering 408");
                 return (
                     "unknown",
                     Outcome::Error,
                     error(
                         StatusCode::REQUEST_TIMEOUT,
-                        &format!("body not received within {} s", BODY_READ_TIMEOUT.as_secs()),
+                        &format!(
+                            "body not received within {}",
+                            humantime::format_duration(self.body_read_timeout)
+                        ),
                     ),
                 );
             }
@@ -248,6 +271,40 @@ impl Ingest {
             }
             Err(err) => (Outcome::Error, unavailable(&err)),
         }
+    }
+
+    /// Answers a request the access policy refused, counting and logging it.
+    fn deny(
+        &self,
+        denied: Denied,
+        client: std::net::IpAddr,
+        connection: &ConnectionInfo,
+    ) -> HttpResponse {
+        let (outcome, status, message) = match denied {
+            Denied::Forbidden => (
+                "forbidden",
+                StatusCode::FORBIDDEN,
+                "this address may not post here",
+            ),
+            Denied::Unauthorized => (
+                "unauthorized",
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong credentials",
+            ),
+        };
+        self.metrics
+            .postbacks_received
+            .with_label_values(&["unknown", outcome])
+            .inc();
+        tracing::warn!(%client, peer = %connection.peer, outcome, "postback refused");
+        let mut response = error(status, message);
+        if denied == Denied::Unauthorized && self.access.uses_basic_auth() {
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"postback-relay\", charset=\"UTF-8\""),
+            );
+        }
+        response
     }
 
     fn too_large(&self) -> HttpResponse {

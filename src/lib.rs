@@ -11,9 +11,12 @@
 //!
 //! `config` loads and validates everything before anything starts, `relay` wires
 //! the pieces together and owns shutdown, `admin` serves health and `metrics`.
+//! In front of ingest: `http_server` (connections, timeouts), `proxy_protocol`,
+//! `tls`, and `access` (allowlist, trusted proxies, credentials).
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod config;
@@ -23,6 +26,8 @@ pub mod http_server;
 pub mod ingest;
 pub mod metrics;
 pub mod postback;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod routing;
 pub mod store;
+pub mod tls;

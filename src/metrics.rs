@@ -13,7 +13,7 @@ use crate::store::TargetStats;
 pub struct Metrics {
     registry: Registry,
     /// Postbacks by format (`xml`, `json`, `unknown`) and outcome (`accepted`,
-    /// `duplicate`, `invalid`, `error`).
+    /// `duplicate`, `invalid`, `error`, `forbidden`, `unauthorized`).
     pub postbacks_received: IntCounterVec,
     /// Time from the request's arrival to its answer; Sinch waits on this.
     pub ingest_duration: Histogram,
@@ -25,6 +25,9 @@ pub struct Metrics {
     pub queue_pending: IntGaugeVec,
     /// Dead letters kept, by target (read from the store).
     pub dead_letters: IntGaugeVec,
+    /// Clients cut off for being too slow, by listener and phase
+    /// (`headers`, `body`, `tls_handshake`, `proxy_header`).
+    pub connection_timeouts: IntCounterVec,
 }
 
 impl Metrics {
@@ -82,6 +85,14 @@ impl Metrics {
             &["target"],
         )
         .expect("valid metric");
+        let connection_timeouts = IntCounterVec::new(
+            Opts::new(
+                "relay_connection_timeouts_total",
+                "Clients cut off for being too slow, by listener and phase.",
+            ),
+            &["listener", "phase"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(postbacks_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ingest_duration.clone()),
@@ -89,6 +100,7 @@ impl Metrics {
             Box::new(delivery_duration.clone()),
             Box::new(queue_pending.clone()),
             Box::new(dead_letters.clone()),
+            Box::new(connection_timeouts.clone()),
         ] {
             registry
                 .register(collector)
@@ -108,6 +120,7 @@ impl Metrics {
             delivery_duration,
             queue_pending,
             dead_letters,
+            connection_timeouts,
         }
     }
 

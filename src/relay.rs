@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AccessPolicy;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::{build_client, build_targets, run_dispatcher, Wakers};
@@ -20,6 +21,7 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::store::{SqliteOptions, SqliteStore, Store};
+use crate::tls::TlsReloader;
 
 /// How often the queue gauges are read from the store.
 const GAUGE_REFRESH: Duration = Duration::from_secs(2);
@@ -33,19 +35,38 @@ pub struct RelayHandle {
     /// Where the admin listener is bound.
     pub admin_addr: SocketAddr,
     shutdown: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    tls: Option<Arc<TlsReloader>>,
+    task: std::sync::Mutex<Option<JoinHandle<anyhow::Result<()>>>>,
 }
 
 impl RelayHandle {
     /// Starts a graceful shutdown and waits for it to finish.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        self.wait().await
+        self.stopped().await
     }
 
     /// Waits until the relay has stopped (after its shutdown token fired).
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("relay task panicked")?
+    /// Only the first caller waits; later ones return at once.
+    pub async fn stopped(&self) -> anyhow::Result<()> {
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match task {
+            Some(task) => task.await.context("relay task panicked")?,
+            None => Ok(()),
+        }
+    }
+
+    /// Re-reads what can change without a restart (SIGHUP): the TLS
+    /// certificate. New connections get it; open ones are not disturbed.
+    pub fn reload(&self) {
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "TLS reload failed; keeping the current certificate")
+                }
+            }
+        }
     }
 
     /// The token that stops the relay when cancelled.
@@ -84,10 +105,41 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let targets = build_targets(&config, &client);
     let wakers = Wakers::new(targets.iter().map(|t| t.name.as_str()));
     let shutdown = CancellationToken::new();
+    let access = AccessPolicy::new(&config.ingest).map_err(anyhow::Error::msg)?;
+    if access.allows_everyone() {
+        tracing::warn!(
+            "ingest.allow is empty: any address may post; set it to Sinch's source addresses"
+        );
+    }
+    let tls = match &config.tls {
+        Some(tls) => Some(Arc::new(
+            TlsReloader::new(tls.cert.clone(), tls.key.clone()).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
+    let ingest_options = ServeOptions {
+        idle_timeout: config.ingest.idle_timeout.0,
+        header_read_timeout: config.ingest.header_read_timeout.0,
+        max_connections: config.ingest.max_connections,
+        drain_timeout: DRAIN_TIMEOUT,
+        proxy_protocol_from: config.ingest.proxy_protocol.then(|| {
+            let access = access.clone();
+            Arc::new(move |peer| access.is_trusted_proxy(peer))
+                as Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>
+        }),
+        tls: tls.clone(),
+    };
+    let admin_options = ServeOptions {
+        proxy_protocol_from: None,
+        tls: None,
+        ..ingest_options.clone()
+    };
 
     let ingest = Arc::new(Ingest {
         path: config.ingest.path.clone(),
         max_body_bytes: config.ingest.max_body_bytes,
+        body_read_timeout: config.ingest.body_read_timeout.0,
+        access,
         source: config.envelope.source.clone(),
         router: Router::new(&config),
         store: store.clone(),
@@ -98,13 +150,10 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         metrics: metrics.clone(),
         store: store.clone(),
     });
-    let serve_options = ServeOptions {
-        idle_timeout: config.ingest.idle_timeout.0,
-        drain_timeout: DRAIN_TIMEOUT,
-    };
 
     tracing::info!(
         ingest = %ingest_addr, admin = %admin_addr, path = %config.ingest.path,
+        tls = config.tls.is_some(),
         store = %config.store.path.display(), sync = %config.store.sync,
         targets = targets.len(), routes = config.routes.len(),
         "postback-relay listening"
@@ -135,15 +184,17 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             let ingest_server = serve(
                 "ingest",
                 ingest_listener,
-                move |request, _peer| ingest.clone().handle(request),
-                serve_options,
+                move |request, connection| ingest.clone().handle(request, connection),
+                ingest_options,
+                metrics.clone(),
                 shutdown.clone(),
             );
             let admin_server = serve(
                 "admin",
                 admin_listener,
-                move |request, _peer| admin.clone().handle(request),
-                serve_options,
+                move |request, _connection| admin.clone().handle(request),
+                admin_options,
+                metrics.clone(),
                 shutdown.clone(),
             );
             tokio::join!(ingest_server, admin_server);
@@ -162,7 +213,8 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         ingest_addr,
         admin_addr,
         shutdown,
-        task,
+        tls,
+        task: std::sync::Mutex::new(Some(task)),
     })
 }
 

@@ -1,0 +1,280 @@
+//! Who may post: the source allowlist, the trusted proxies whose word about the
+//! client address is believed, and the optional credentials (basic auth, a
+//! secret path token). Every decision here is a pure function of the
+//! connection and the request headers, so it is tested without sockets.
+
+use std::net::IpAddr;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use hyper::header::{HeaderMap, AUTHORIZATION};
+use subtle::ConstantTimeEq;
+
+use crate::config::{Cidr, IngestConfig};
+
+/// What the accept loop learned about a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The TCP peer.
+    pub peer: std::net::SocketAddr,
+    /// The client a trusted L4 balancer named in its PROXY header.
+    pub proxied: Option<std::net::SocketAddr>,
+}
+
+/// The access rules of the public listener.
+#[derive(Debug, Clone, Default)]
+pub struct AccessPolicy {
+    allow: Vec<Cidr>,
+    trusted_proxies: Vec<Cidr>,
+    /// `Basic base64(user:password)`, precomputed for a constant-time compare.
+    basic_auth: Option<Vec<u8>>,
+    /// The secret last path segment.
+    path_token: Option<String>,
+}
+
+/// Why a request is turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// The client address is not on the allowlist (403).
+    Forbidden,
+    /// Credentials missing or wrong (401).
+    Unauthorized,
+}
+
+impl AccessPolicy {
+    /// Builds the policy from a validated config (secrets are read here).
+    pub fn new(config: &IngestConfig) -> Result<AccessPolicy, String> {
+        let basic_auth = match &config.basic_auth {
+            Some(auth) => {
+                let password = auth
+                    .password
+                    .resolve()
+                    .map_err(|e| format!("ingest.basic_auth.password: {e}"))?;
+                let encoded = STANDARD.encode(format!("{}:{password}", auth.username));
+                Some(format!("Basic {encoded}").into_bytes())
+            }
+            None => None,
+        };
+        let path_token = match &config.path_token {
+            Some(token) => Some(
+                token
+                    .resolve()
+                    .map_err(|e| format!("ingest.path_token: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(AccessPolicy {
+            allow: config.allow.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+            basic_auth,
+            path_token,
+        })
+    }
+
+    /// Whether the allowlist is empty (everyone may post).
+    pub fn allows_everyone(&self) -> bool {
+        self.allow.is_empty()
+    }
+
+    /// Whether Sinch posts to `{path}/{token}` rather than `{path}`.
+    pub fn uses_path_token(&self) -> bool {
+        self.path_token.is_some()
+    }
+
+    /// Whether basic auth is required (401 answers then carry a challenge).
+    pub fn uses_basic_auth(&self) -> bool {
+        self.basic_auth.is_some()
+    }
+
+    /// Whether `addr` is a load balancer whose headers are believed.
+    pub fn is_trusted_proxy(&self, addr: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(addr))
+    }
+
+    /// The address of the real client. Starting from the connection (or what a
+    /// trusted L4 balancer said in its PROXY header), as long as the address
+    /// is a trusted proxy, step to the right-most `X-Forwarded-For` hop not yet
+    /// used. A forged header from an untrusted peer is never read.
+    pub fn client_addr(&self, connection: &ConnectionInfo, headers: &HeaderMap) -> IpAddr {
+        let mut addr = connection.proxied.unwrap_or(connection.peer).ip();
+        if !self.is_trusted_proxy(addr) {
+            return addr;
+        }
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .collect();
+        for hop in hops.iter().rev() {
+            match hop.parse::<IpAddr>() {
+                Ok(hop) => {
+                    addr = hop;
+                    if !self.is_trusted_proxy(hop) {
+                        break;
+                    }
+                }
+                // Garbage in the chain: stop at the last address we could trust.
+                Err(_) => break,
+            }
+        }
+        addr
+    }
+
+    /// Checks the allowlist and the credentials; `path_rest` is what follows
+    /// `ingest.path` in the request path.
+    pub fn check(
+        &self,
+        client: IpAddr,
+        headers: &HeaderMap,
+        path_rest: &str,
+    ) -> Result<(), Denied> {
+        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(client)) {
+            return Err(Denied::Forbidden);
+        }
+        if let Some(token) = &self.path_token {
+            let given = path_rest.strip_prefix('/').unwrap_or("");
+            if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+                return Err(Denied::Unauthorized);
+            }
+        }
+        if let Some(expected) = &self.basic_auth {
+            let given = headers
+                .get(AUTHORIZATION)
+                .map(|value| value.as_bytes())
+                .unwrap_or_default();
+            if !bool::from(given.ct_eq(expected)) {
+                return Err(Denied::Unauthorized);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BasicAuthConfig, SecretSource};
+
+    fn cidr(text: &str) -> Cidr {
+        serde_json::from_value(serde_json::json!(text)).unwrap()
+    }
+
+    fn policy(allow: &[&str], trusted: &[&str]) -> AccessPolicy {
+        AccessPolicy {
+            allow: allow.iter().map(|c| cidr(c)).collect(),
+            trusted_proxies: trusted.iter().map(|c| cidr(c)).collect(),
+            ..AccessPolicy::default()
+        }
+    }
+
+    fn connection(peer: &str) -> ConnectionInfo {
+        ConnectionInfo {
+            peer: format!("{peer}:40000").parse().unwrap(),
+            proxied: None,
+        }
+    }
+
+    fn xff(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn forged_forwarded_for_from_an_untrusted_peer_is_ignored() {
+        let p = policy(&["203.0.113.0/24"], &["10.0.0.0/8"]);
+        let client = p.client_addr(&connection("198.51.100.9"), &xff("203.0.113.5"));
+        assert_eq!(client, "198.51.100.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            p.check(client, &HeaderMap::new(), ""),
+            Err(Denied::Forbidden)
+        );
+    }
+
+    #[test]
+    fn right_most_untrusted_hop_behind_trusted_proxies() {
+        let p = policy(&["203.0.113.0/24"], &["10.0.0.0/8"]);
+        // The client forged the left-most entry; the balancers appended the truth.
+        let headers = xff("203.0.113.66, 198.51.100.9, 10.1.1.1");
+        let client = p.client_addr(&connection("10.2.2.2"), &headers);
+        assert_eq!(client, "198.51.100.9".parse::<IpAddr>().unwrap());
+        let headers = xff("203.0.113.5");
+        let client = p.client_addr(&connection("10.2.2.2"), &headers);
+        assert_eq!(p.check(client, &headers, ""), Ok(()));
+    }
+
+    #[test]
+    fn proxy_protocol_source_counts_as_the_peer() {
+        let p = policy(&["203.0.113.0/24"], &["10.0.0.0/8"]);
+        let conn = ConnectionInfo {
+            peer: "10.0.0.1:5000".parse().unwrap(),
+            proxied: Some("203.0.113.7:6000".parse().unwrap()),
+        };
+        let client = p.client_addr(&conn, &HeaderMap::new());
+        assert_eq!(client, "203.0.113.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn single_addresses_and_mapped_ipv6() {
+        let p = policy(&["203.0.113.7", "2001:db8::/32"], &[]);
+        for (addr, allowed) in [
+            ("203.0.113.7", true),
+            ("203.0.113.8", false),
+            ("::ffff:203.0.113.7", true),
+            ("2001:db8::1", true),
+        ] {
+            let result = p.check(addr.parse().unwrap(), &HeaderMap::new(), "");
+            assert_eq!(result.is_ok(), allowed, "{addr}");
+        }
+    }
+
+    #[test]
+    fn credentials() {
+        std::env::set_var("ACCESS_TEST_PASSWORD", "s3cret");
+        std::env::set_var("ACCESS_TEST_TOKEN", "0123456789abcdef");
+        let config = IngestConfig {
+            basic_auth: Some(BasicAuthConfig {
+                username: "sinch".into(),
+                password: SecretSource {
+                    file: None,
+                    env: Some("ACCESS_TEST_PASSWORD".into()),
+                },
+            }),
+            path_token: Some(SecretSource {
+                file: None,
+                env: Some("ACCESS_TEST_TOKEN".into()),
+            }),
+            ..IngestConfig::default()
+        };
+        let p = AccessPolicy::new(&config).unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut good = HeaderMap::new();
+        good.insert(
+            AUTHORIZATION,
+            format!("Basic {}", STANDARD.encode("sinch:s3cret"))
+                .parse()
+                .unwrap(),
+        );
+        let mut bad = HeaderMap::new();
+        bad.insert(
+            AUTHORIZATION,
+            format!("Basic {}", STANDARD.encode("sinch:guess"))
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(p.check(ip, &good, "/0123456789abcdef"), Ok(()));
+        assert_eq!(
+            p.check(ip, &bad, "/0123456789abcdef"),
+            Err(Denied::Unauthorized)
+        );
+        assert_eq!(
+            p.check(ip, &HeaderMap::new(), "/0123456789abcdef"),
+            Err(Denied::Unauthorized)
+        );
+        assert_eq!(p.check(ip, &good, "/wrong"), Err(Denied::Unauthorized));
+        assert_eq!(p.check(ip, &good, ""), Err(Denied::Unauthorized));
+        assert!(p.uses_path_token() && p.uses_basic_auth());
+    }
+}
