@@ -1,4 +1,5 @@
-//! The command line: `run` the daemon, or `check-config` before deploying.
+//! The command line: `run` the daemon, `check-config` before deploying, and
+//! `quarantine list|replay` for bodies the parser refused.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::quarantine::{replay, Replayed};
+use crate::routing::Router;
+use crate::store::{QuarantinedBody, Store};
 
 /// Receives Sinch postbacks, commits them durably, delivers them to internal webhooks.
 #[derive(Debug, Parser)]
@@ -25,7 +29,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the relay until SIGTERM or SIGINT.
+    /// Run the relay until SIGTERM or SIGINT (SIGHUP reloads the TLS certificate).
     Run {
         /// The YAML config file (`RELAY_*` environment variables override it).
         #[arg(long, short, default_value = "config/relay.yaml")]
@@ -36,6 +40,39 @@ pub enum Command {
         /// The YAML config file.
         #[arg(long, short, default_value = "config/relay.yaml")]
         config: PathBuf,
+    },
+    /// Inspect and re-ingest bodies the parser refused (works beside a running relay).
+    Quarantine {
+        /// What to do with the quarantine.
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
+}
+
+/// `quarantine` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QuarantineAction {
+    /// List quarantined bodies with their error.
+    List {
+        /// The relay's config file (for the store's location).
+        #[arg(long, short, default_value = "config/relay.yaml")]
+        config: PathBuf,
+        /// One JSON object per body instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Parse quarantined bodies again; those that now parse are routed,
+    /// committed and delivered like new postbacks, and leave the quarantine.
+    Replay {
+        /// The relay's config file (store location, routes).
+        #[arg(long, short, default_value = "config/relay.yaml")]
+        config: PathBuf,
+        /// Body hashes (or unique prefixes of at least 8 characters) to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        hashes: Vec<String>,
+        /// Replay every quarantined body.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -48,52 +85,160 @@ pub enum LogFormat {
     Json,
 }
 
-/// Runs the parsed command line and returns the process exit code.
+/// Runs the parsed command line and returns the process exit code: 0 on
+/// success, 2 for a bad config or bad arguments, 1 for anything else.
 pub fn main(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
     for name in crate::config::unrecognized_env_overrides() {
         tracing::warn!(variable = %name, "ignoring environment variable: RELAY_ prefix but no such config key");
     }
-    match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(loaded) => {
-                println!(
-                    "{}: OK ({} targets, {} routes, store {} with sync={})",
-                    config.display(),
-                    loaded.targets.len(),
-                    loaded.routes.len(),
-                    loaded.store.path.display(),
-                    loaded.store.sync
-                );
-                ExitCode::SUCCESS
-            }
-            Err(err) => {
-                eprintln!("{err}");
-                ExitCode::from(2)
+    let config_path = match &cli.command {
+        Command::Run { config } | Command::CheckConfig { config } => config,
+        Command::Quarantine { action } => match action {
+            QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
+                config
             }
         },
-        Command::Run { config } => {
-            let loaded = match Config::load(&config) {
-                Ok(loaded) => loaded,
-                Err(err) => {
-                    eprintln!("{err}");
-                    return ExitCode::from(2);
-                }
-            };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("cannot start the tokio runtime");
-            match runtime.block_on(run(loaded)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    tracing::error!("{err:#}");
-                    eprintln!("postback-relay: {err:#}");
-                    ExitCode::FAILURE
+    };
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = match cli.command {
+        Command::CheckConfig { config: path } => {
+            println!(
+                "{}: OK ({} targets, {} routes, store {} with sync={})",
+                path.display(),
+                config.targets.len(),
+                config.routes.len(),
+                config.store.path.display(),
+                config.store.sync
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { .. } => block_on(run(config)).map(|()| ExitCode::SUCCESS),
+        Command::Quarantine { action } => block_on(quarantine(config, action)),
+    };
+    outcome.unwrap_or_else(|err| {
+        tracing::error!("{err:#}");
+        eprintln!("postback-relay: {err:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?
+        .block_on(work)
+}
+
+/// `quarantine list|replay`: opens the store beside a running relay (its
+/// leases are left alone) and works on it directly.
+async fn quarantine(config: Config, action: QuarantineAction) -> anyhow::Result<ExitCode> {
+    let store = crate::store::SqliteStore::open(crate::store::SqliteOptions {
+        path: config.store.path.clone(),
+        sync: config.store.sync,
+        busy_timeout: config.store.busy_timeout.0,
+        dedupe_window: config.ingest.dedupe_window.0,
+        recover_leases: false,
+    })
+    .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
+    let store: &dyn Store = &store;
+    let code = match action {
+        QuarantineAction::List { json, .. } => {
+            let bodies = store.list_quarantine().await?;
+            print_quarantine(&bodies, json);
+            ExitCode::SUCCESS
+        }
+        QuarantineAction::Replay { hashes, all, .. } => {
+            let bodies = store.list_quarantine().await?;
+            let mut chosen = Vec::new();
+            for wanted in &hashes {
+                let matches: Vec<&str> = bodies
+                    .iter()
+                    .map(|b| b.body_hash.as_str())
+                    .filter(|hash| wanted.len() >= 8 && hash.starts_with(wanted.as_str()))
+                    .collect();
+                match matches.as_slice() {
+                    [one] => chosen.push(one.to_string()),
+                    [] => anyhow::bail!("no quarantined body matches `{wanted}` (give at least 8 characters of its hash)"),
+                    _ => anyhow::bail!("`{wanted}` matches {} bodies; give more of the hash", matches.len()),
                 }
             }
+            let router = Router::new(&config);
+            let results = replay(store, &router, &config.envelope.source, |body| {
+                all || chosen.contains(&body.body_hash)
+            })
+            .await?;
+            let mut still_invalid = 0;
+            for (hash, outcome) in &results {
+                let short = &hash[..12.min(hash.len())];
+                match outcome {
+                    Replayed::Accepted { id, targets } => {
+                        println!("{short}  accepted  id={id} targets={}", targets.join(","))
+                    }
+                    Replayed::Duplicate { original_id } => {
+                        println!("{short}  duplicate of {original_id}; removed from quarantine")
+                    }
+                    Replayed::StillInvalid { error } => {
+                        still_invalid += 1;
+                        println!("{short}  still invalid: {error}")
+                    }
+                }
+            }
+            println!(
+                "{} replayed, {} still invalid (kept)",
+                results.len() - still_invalid,
+                still_invalid
+            );
+            ExitCode::SUCCESS
         }
+    };
+    store.close().await?;
+    Ok(code)
+}
+
+fn print_quarantine(bodies: &[QuarantinedBody], json: bool) {
+    let time = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default()
+    };
+    if json {
+        for body in bodies {
+            let line = serde_json::json!({
+                "body_hash": body.body_hash,
+                "error": body.error,
+                "content_type": body.content_type,
+                "first_seen": time(body.first_seen_ms),
+                "last_seen": time(body.last_seen_ms),
+                "seen_count": body.seen_count,
+                "body": String::from_utf8_lossy(&body.body),
+            });
+            println!("{line}");
+        }
+        return;
     }
+    println!(
+        "{:<12}  {:<20}  {:>5}  {:<24}  ERROR",
+        "HASH", "FIRST SEEN", "SEEN", "CONTENT TYPE"
+    );
+    for body in bodies {
+        let error: String = body.error.chars().take(80).collect();
+        println!(
+            "{:<12}  {:<20}  {:>5}  {:<24}  {error}",
+            &body.body_hash[..12.min(body.body_hash.len())],
+            time(body.first_seen_ms),
+            body.seen_count,
+            body.content_type.as_deref().unwrap_or("-"),
+        );
+    }
+    println!("{} quarantined bodies", bodies.len());
 }
 
 /// Starts the relay and stops it gracefully on SIGTERM or SIGINT.

@@ -3,7 +3,7 @@
 //!
 //! The schema lives in `schema/envelope.schema.json`; the README shows examples.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -92,7 +92,9 @@ pub fn event_type(origin: &str) -> &'static str {
 
 /// Parses the timestamps seen from Sinch: RFC 3339 with an offset or `Z`, with
 /// or without fractions, and the same with a space instead of `T`. A time
-/// without an offset is ambiguous and yields `None`.
+/// without an offset is ambiguous and yields `None`, and so does one whose UTC
+/// year RFC 3339 cannot write (outside 0000–9999: `%Y` also reads `-021` or
+/// `+12345`, and `0000-01-01T00:00:00+01:00` is in year -1 in UTC).
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
     DateTime::parse_from_rfc3339(text)
@@ -101,6 +103,7 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
         .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%z"))
         .ok()
         .map(|time| time.with_timezone(&Utc))
+        .filter(|time| (0..=9999).contains(&time.year()))
 }
 
 fn rfc3339(time: DateTime<Utc>) -> String {
@@ -159,6 +162,41 @@ mod tests {
             serde_json::json!([{"url": "http://x/1.jpg"}])
         );
         assert_eq!(json["data"]["timestamp"], "2014-02-03T11:19:49-05:00");
+    }
+
+    /// Found by `cargo fuzz run ingest` (fuzz/regressions/ingest/time-year-outside-rfc3339):
+    /// `%Y` read the year `-1`, and `time` became `-0001-02-03T08:07:07Z`, which is
+    /// not RFC 3339 (nor the schema's pattern).
+    #[test]
+    fn timestamps_outside_rfc3339_years_fall_back_to_receive_time() {
+        let postback = parse(
+            br#"{"origin":"O","code":"0","timestamp":"-1-2-3T8:7:7+0000"}"#,
+            Some("application/json"),
+        )
+        .unwrap();
+        let received = Utc::now();
+        let env = Envelope::new(&postback, "x".into(), "s", received);
+        assert_eq!(env.time, rfc3339(received));
+        assert_eq!(env.data["timestamp"], "-1-2-3T8:7:7+0000");
+        for input in [
+            "-1-2-3T8:7:7+0000",
+            "-2021-02-03T18:27:54+0000",
+            "+12345-02-03T18:27:54+0000",
+            "0000-01-01T00:00:00+01:00",
+            "9999-12-31T23:59:59-01:00",
+        ] {
+            assert_eq!(parse_timestamp(input), None, "{input}");
+        }
+        for (input, expected) in [
+            ("0000-01-01T00:00:00Z", "0000-01-01T00:00:00Z"),
+            ("9999-12-31T23:59:59Z", "9999-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(
+                parse_timestamp(input).map(rfc3339).as_deref(),
+                Some(expected),
+                "{input}"
+            );
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse};
 use crate::metrics::Metrics;
 use crate::postback::{self, Postback};
-use crate::routing::Router;
+use crate::routing::{Decision, Router};
 use crate::store::{now_ms, Acceptance, NewPostback, QuarantineEntry, Store, StoreError};
 
 /// Seconds Sinch is asked to wait after a 503 (it waits ~5 minutes anyway).
@@ -193,21 +193,15 @@ impl Ingest {
         content_type: Option<String>,
         received_at_ms: i64,
     ) -> (Outcome, HttpResponse) {
-        let id = ulid::Ulid::generate().to_string();
-        let received = chrono::DateTime::from_timestamp_millis(received_at_ms)
-            .unwrap_or_else(chrono::Utc::now);
-        let envelope = Envelope::new(&postback, id.clone(), &self.source, received);
-        let decision = self.router.route(&postback);
-        let dedupe_key = dedupe_key(&postback, &body);
-        let new = NewPostback {
-            id: id.clone(),
-            dedupe_key,
-            received_at_ms,
-            envelope: Bytes::from(envelope.to_json()),
-            raw_body: body,
+        let (new, decision) = prepare(
+            &postback,
+            body,
             content_type,
-            targets: decision.targets.clone(),
-        };
+            received_at_ms,
+            &self.router,
+            &self.source,
+        );
+        let id = new.id.clone();
         let result = self.store.accept(new).await;
         let log = |outcome: &str, id: &str| {
             tracing::info!(
@@ -313,6 +307,34 @@ impl Ingest {
             &format!("body is larger than {} bytes", self.max_body_bytes),
         )
     }
+}
+
+/// Turns a parsed postback into what the store commits: a fresh envelope id,
+/// the envelope, the routing decision and the dedupe key. Shared by the HTTP
+/// handler and the quarantine replay, so both treat a postback alike.
+pub fn prepare(
+    postback: &Postback,
+    body: Bytes,
+    content_type: Option<String>,
+    received_at_ms: i64,
+    router: &Router,
+    source: &str,
+) -> (NewPostback, Decision) {
+    let id = ulid::Ulid::generate().to_string();
+    let received =
+        chrono::DateTime::from_timestamp_millis(received_at_ms).unwrap_or_else(chrono::Utc::now);
+    let envelope = Envelope::new(postback, id.clone(), source, received);
+    let decision = router.route(postback);
+    let new = NewPostback {
+        id,
+        dedupe_key: dedupe_key(postback, &body),
+        received_at_ms,
+        envelope: Bytes::from(envelope.to_json()),
+        raw_body: body,
+        content_type,
+        targets: decision.targets.clone(),
+    };
+    (new, decision)
 }
 
 /// Retries of one postback must map to one key. N101 and N102 share a tracking

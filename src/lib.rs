@@ -27,6 +27,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod postback;
 pub mod proxy_protocol;
+pub mod quarantine;
 pub mod relay;
 pub mod routing;
 pub mod store;

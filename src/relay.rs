@@ -97,6 +97,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             sync: config.store.sync,
             busy_timeout: config.store.busy_timeout.0,
             dedupe_window: config.ingest.dedupe_window.0,
+            recover_leases: true,
         })
         .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?,
     );

@@ -166,101 +166,12 @@ fn ingest_addr(relay: &TestRelay) -> std::net::SocketAddr {
 
 /// An HTTP/1.1 POST of `body` to the ingest path, as raw bytes.
 fn raw_post(relay: &TestRelay, content_type: &str, body: &str) -> Vec<u8> {
-    format!(
-        "POST /sinch/postback HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
-        ingest_addr(relay),
-        body.len()
-    )
-    .into_bytes()
+    raw::post_bytes(ingest_addr(relay), "/sinch/postback", content_type, body)
 }
 
-/// One response read off a raw connection.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
-            panic!(
-                "response body is not JSON ({err}): {:?}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
-
-/// Reads exactly one response (head + Content-Length body) from `stream`.
-async fn read_response(stream: &mut TcpStream) -> RawResponse {
-    read_response_within(stream, WAIT).await
-}
-
-/// [`read_response`] with its own bound.
-async fn read_response_within(stream: &mut TcpStream, timeout: Duration) -> RawResponse {
-    let read = async {
-        let mut buffer = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let head_end = loop {
-            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            let n = stream.read(&mut chunk).await.expect("read response head");
-            assert!(
-                n > 0,
-                "connection closed before a full response head: {:?}",
-                String::from_utf8_lossy(&buffer)
-            );
-            buffer.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8(buffer[..head_end].to_vec()).expect("ASCII head");
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().expect("status line");
-        let status: u16 = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let headers: Vec<(String, String)> = lines
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                let (name, value) = l.split_once(':').expect("header line");
-                (name.trim().to_ascii_lowercase(), value.trim().to_owned())
-            })
-            .collect();
-        let length: usize = headers
-            .iter()
-            .find(|(n, _)| n == "content-length")
-            .map(|(_, v)| v.parse().expect("numeric Content-Length"))
-            .expect("the relay answers with a Content-Length");
-        while buffer.len() < head_end + length {
-            let n = stream.read(&mut chunk).await.expect("read response body");
-            assert!(n > 0, "connection closed inside the response body");
-            buffer.extend_from_slice(&chunk[..n]);
-        }
-        assert_eq!(
-            buffer.len(),
-            head_end + length,
-            "unexpected bytes after the response"
-        );
-        RawResponse {
-            status,
-            headers,
-            body: buffer[head_end..].to_vec(),
-        }
-    };
-    tokio::time::timeout(timeout, read)
-        .await
-        .unwrap_or_else(|_| panic!("no complete response within {timeout:?}"))
+/// Reads exactly one response from `stream`.
+async fn read_response(stream: &mut TcpStream) -> raw::RawResponse {
+    raw::read_response(stream, WAIT).await
 }
 
 fn sql_int(value: &Sql) -> i64 {
@@ -1102,7 +1013,7 @@ async fn a_stalled_body_is_answered_408_and_the_connection_closed() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     // The relay gives up after 10 s (Sinch's own deadline); allow slack.
-    let response = read_response_within(&mut stream, Duration::from_secs(20)).await;
+    let response = raw::read_response(&mut stream, Duration::from_secs(20)).await;
     assert_eq!(response.status, 408);
     assert_error_body(&response.json(), "body not received");
     let mut buffer = [0u8; 64];

@@ -70,6 +70,25 @@ pub struct QuarantineEntry {
     pub received_at_ms: i64,
 }
 
+/// A quarantined body as kept, for inspection and replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedBody {
+    /// Hex SHA-256 of the body; its identity.
+    pub body_hash: String,
+    /// The body as received.
+    pub body: Bytes,
+    /// The Content-Type it came with.
+    pub content_type: Option<String>,
+    /// The parse error of its last arrival.
+    pub error: String,
+    /// First arrival.
+    pub first_seen_ms: i64,
+    /// Last arrival.
+    pub last_seen_ms: i64,
+    /// Arrivals (Sinch retries a 400 like any other failure).
+    pub seen_count: u64,
+}
+
 /// Backend-assigned id of one delivery job (one postback × one target).
 pub type JobId = i64;
 
@@ -148,6 +167,10 @@ pub trait Store: Send + Sync + 'static {
     async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError>;
     /// Keeps an unparseable body.
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError>;
+    /// Quarantined bodies, oldest first.
+    async fn list_quarantine(&self) -> Result<Vec<QuarantinedBody>, StoreError>;
+    /// Drops one quarantined body (after it was re-ingested); false if absent.
+    async fn remove_quarantined(&self, body_hash: &str) -> Result<bool, StoreError>;
     /// Leases up to `limit` due jobs of `target` for `lease`.
     async fn claim(
         &self,

@@ -20,8 +20,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    now_ms, Acceptance, Job, JobId, NewPostback, Outcome, QuarantineEntry, Store, StoreError,
-    TargetStats, NO_ROUTE_TARGET,
+    now_ms, Acceptance, Job, JobId, NewPostback, Outcome, QuarantineEntry, QuarantinedBody, Store,
+    StoreError, TargetStats, NO_ROUTE_TARGET,
 };
 use crate::config::SyncMode;
 
@@ -99,6 +99,10 @@ pub struct SqliteOptions {
     pub busy_timeout: Duration,
     /// A postback seen again within this window is a duplicate.
     pub dedupe_window: Duration,
+    /// Void the leases of a previous process at open. True for the daemon
+    /// (the only instance); false for command-line tools that open the store
+    /// beside a running relay, whose leases are alive.
+    pub recover_leases: bool,
 }
 
 /// The SQLite implementation of [`Store`].
@@ -115,6 +119,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Command {
     Accept(NewPostback, Reply<Acceptance>),
     Quarantine(QuarantineEntry, Reply<()>),
+    RemoveQuarantined(String, Reply<bool>),
     Claim {
         target: String,
         limit: usize,
@@ -136,13 +141,15 @@ impl SqliteStore {
         }
         let mut writer = open_connection(&options.path, &options)?;
         migrate(&mut writer)?;
-        // We are the only instance: leases left by a crashed process are void.
-        writer
-            .execute(
-                "UPDATE jobs SET next_at = ?1, lease_until = 0 WHERE lease_until > 0",
-                [now_ms()],
-            )
-            .map_err(db_error)?;
+        if options.recover_leases {
+            // We are the only instance: leases left by a crashed process are void.
+            writer
+                .execute(
+                    "UPDATE jobs SET next_at = ?1, lease_until = 0 WHERE lease_until > 0",
+                    [now_ms()],
+                )
+                .map_err(db_error)?;
+        }
         let reader = open_connection(&options.path, &options)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let ready = Arc::new(AtomicBool::new(true));
@@ -164,6 +171,22 @@ impl SqliteStore {
         })
     }
 
+    /// Runs a query on the read connection, off the async workers.
+    async fn read<T: Send + 'static>(
+        &self,
+        query: fn(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            query(&conn).map_err(db_error)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -182,6 +205,16 @@ impl Store for SqliteStore {
 
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError> {
         self.call(|reply| Command::Quarantine(entry, reply)).await
+    }
+
+    async fn list_quarantine(&self) -> Result<Vec<QuarantinedBody>, StoreError> {
+        self.read(read_quarantine).await
+    }
+
+    async fn remove_quarantined(&self, body_hash: &str) -> Result<bool, StoreError> {
+        let hash = body_hash.to_owned();
+        self.call(|reply| Command::RemoveQuarantined(hash, reply))
+            .await
     }
 
     async fn claim(
@@ -210,15 +243,7 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self) -> Result<Vec<TargetStats>, StoreError> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = reader
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            read_stats(&conn).map_err(db_error)
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?
+        self.read(read_stats).await
     }
 
     fn is_ready(&self) -> bool {
@@ -289,6 +314,25 @@ fn read_stats(conn: &Connection) -> rusqlite::Result<Vec<TargetStats>> {
         }
     }
     Ok(counts.into_values().collect())
+}
+
+fn read_quarantine(conn: &Connection) -> rusqlite::Result<Vec<QuarantinedBody>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count
+         FROM quarantine ORDER BY first_seen, body_hash",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok(QuarantinedBody {
+            body_hash: row.get(0)?,
+            body: Bytes::from(row.get::<_, Vec<u8>>(1)?),
+            content_type: row.get(2)?,
+            error: row.get(3)?,
+            first_seen_ms: row.get(4)?,
+            last_seen_ms: row.get(5)?,
+            seen_count: row.get::<_, i64>(6)?.max(0) as u64,
+        })
+    })?;
+    rows.collect()
 }
 
 fn db_error(err: rusqlite::Error) -> StoreError {
@@ -365,10 +409,21 @@ impl Writer {
     /// Applies `commands` in one transaction and answers them after the commit.
     fn apply_batch(&mut self, commands: Vec<Command>) {
         let mut pending: Vec<Box<dyn Pending>> = Vec::with_capacity(commands.len());
+        let changes_before = self.conn.total_changes();
         let outcome = self.transaction(commands, &mut pending);
-        self.ready.store(outcome.is_ok(), Ordering::Relaxed);
-        if let Err(err) = &outcome {
-            tracing::error!(error = %err, "store commit failed; answering 503 until it recovers");
+        match &outcome {
+            // Only a commit that wrote something shows that the store can
+            // commit: a batch that changed nothing (an idle dispatcher's empty
+            // claim, a duplicate) commits without writing, even to a full disk.
+            Ok(()) => {
+                if self.conn.total_changes() != changes_before {
+                    self.ready.store(true, Ordering::Relaxed);
+                }
+            }
+            Err(err) => {
+                self.ready.store(false, Ordering::Relaxed);
+                tracing::error!(error = %err, "store commit failed; answering 503 until it recovers");
+            }
         }
         for answer in pending {
             answer.send(outcome.as_ref().err());
@@ -443,6 +498,14 @@ impl Writer {
             Command::Quarantine(entry, reply) => {
                 Box::new((reply, isolated(conn, |c| quarantine(c, &entry))))
             }
+            Command::RemoveQuarantined(hash, reply) => Box::new((
+                reply,
+                isolated(conn, |c| {
+                    c.prepare_cached("DELETE FROM quarantine WHERE body_hash = ?1")?
+                        .execute([&hash])
+                        .map(|deleted| deleted > 0)
+                }),
+            )),
             Command::Claim {
                 target,
                 limit,
@@ -474,6 +537,7 @@ fn fail(command: Command, err: &StoreError) {
         Command::Accept(_, reply) => drop(reply.send(err.map(|()| Acceptance::Accepted))),
         Command::Quarantine(_, reply) => drop(reply.send(err)),
         Command::Claim { reply, .. } => drop(reply.send(err.map(|()| Vec::new()))),
+        Command::RemoveQuarantined(_, reply) => drop(reply.send(err.map(|()| false))),
         Command::Complete(_, _, reply) | Command::Probe(reply) | Command::Close(reply) => {
             drop(reply.send(err))
         }

@@ -1,12 +1,19 @@
 //! Test harness shared by the integration tests: a relay started in-process on
 //! ephemeral loopback ports with its store in a temporary directory, sink servers
-//! that record what they receive and answer as told, and a small HTTP client.
+//! that record what they receive and answer as told, a target that never
+//! answers, a small tmpfs for a full disk, and a small HTTP client. The real
+//! binary and the load that is sent to it are in [`process`].
 #![allow(dead_code)] // each test binary uses a different part of the harness
+
+pub mod raw;
+
+pub mod process;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +26,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use postback_relay::config::Config;
 use postback_relay::relay::{self, RelayHandle};
 use serde_json::Value;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// The seed MMS MO example from Sinch's documentation, verbatim.
 pub const SEED_XML: &str = include_str!("../fixtures/seed-mo.xml");
@@ -53,6 +62,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Runs `test` with a hard time limit, so a test that hangs fails (and drops
+/// what it owns: relays, sinks, mounts) instead of blocking the run.
+pub async fn bounded<T>(limit: Duration, what: &str, test: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, test)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not finished within {limit:?}"))
 }
 
 /// A relay running in this process.
@@ -122,18 +139,30 @@ impl TestRelay {
 
     /// Rows of a query against the relay's database (read-only).
     pub fn query(&self, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
-        let conn = rusqlite::Connection::open_with_flags(
-            self.db_path(),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open db read-only");
-        let mut statement = conn.prepare(sql).expect("valid query");
-        let columns = statement.column_count();
-        statement
-            .query_map([], |row| (0..columns).map(|i| row.get(i)).collect())
-            .expect("query runs")
-            .collect::<Result<_, _>>()
-            .expect("rows read")
+        query_db(&self.db_path(), sql)
+    }
+}
+
+/// Rows of a read-only query against a relay's database (safe while it runs).
+pub fn query_db(db: &Path, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db read-only");
+    let mut statement = conn.prepare(sql).expect("valid query");
+    let columns = statement.column_count();
+    statement
+        .query_map([], |row| (0..columns).map(|i| row.get(i)).collect())
+        .expect("query runs")
+        .collect::<Result<_, _>>()
+        .expect("rows read")
+}
+
+/// The one integer a read-only query returns (`SELECT COUNT(*) ...`); NULL is 0.
+pub fn query_int(db: &Path, sql: &str) -> i64 {
+    match query_db(db, sql).first().and_then(|row| row.first()) {
+        Some(rusqlite::types::Value::Integer(n)) => *n,
+        Some(rusqlite::types::Value::Null) | None => 0,
+        Some(other) => panic!("{sql}: not an integer: {other:?}"),
     }
 }
 
@@ -201,32 +230,67 @@ type Responder = dyn Fn(usize, &Received) -> Reply + Send + Sync;
 
 /// An HTTP server standing in for an internal service. It records every request
 /// and answers with its responder, which sees how many requests came before.
+/// It also counts the requests it is handling at once (from the request's
+/// arrival until its answer, the responder's delay included), so a test can
+/// check a target's concurrency limit with [`Sink::max_in_flight`].
 #[derive(Clone)]
 pub struct Sink {
     /// Where it listens.
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     responder: Arc<Mutex<Arc<Responder>>>,
-    stop: tokio_util::sync::CancellationToken,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+/// Counts one request as in flight at a sink until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(sink: &Sink) -> InFlight {
+        let now = sink.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        sink.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(sink.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Sink {
     /// A sink on an ephemeral port that answers 200.
     pub async fn start() -> Sink {
-        Sink::start_on(TcpListener::bind("127.0.0.1:0").await.expect("bind sink")).await
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+        Sink::serve(listener, Arc::new(|_, _| Reply::status(200)))
     }
 
     /// A sink on a given address (to bring a "dead" target back).
     pub async fn start_at(addr: SocketAddr) -> Sink {
-        Sink::start_on(TcpListener::bind(addr).await.expect("rebind sink address")).await
+        Sink::start_at_responding(addr, |_, _| Reply::status(200)).await
     }
 
-    async fn start_on(listener: TcpListener) -> Sink {
+    /// A sink on a given address that answers with `responder` from its very
+    /// first request (a dead target coming back with a particular behaviour).
+    pub async fn start_at_responding(
+        addr: SocketAddr,
+        responder: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Sink {
+        let listener = TcpListener::bind(addr).await.expect("rebind sink address");
+        Sink::serve(listener, Arc::new(responder))
+    }
+
+    fn serve(listener: TcpListener, responder: Arc<Responder>) -> Sink {
         let sink = Sink {
             addr: listener.local_addr().expect("sink addr"),
             received: Arc::default(),
-            responder: Arc::new(Mutex::new(Arc::new(|_, _| Reply::status(200)))),
-            stop: tokio_util::sync::CancellationToken::new(),
+            responder: Arc::new(Mutex::new(responder)),
+            in_flight: Arc::default(),
+            max_in_flight: Arc::default(),
+            stop: CancellationToken::new(),
         };
         let server = sink.clone();
         tokio::spawn(async move {
@@ -254,6 +318,7 @@ impl Sink {
     }
 
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let _in_flight = InFlight::enter(self);
         let path = request.uri().path().to_owned();
         let headers = request
             .headers()
@@ -301,6 +366,25 @@ impl Sink {
         self.received.lock().unwrap().clone()
     }
 
+    /// What was received after the first `start` requests (for tallying a
+    /// large stream of deliveries without copying all of it on every poll).
+    pub fn received_from(&self, start: usize) -> Vec<Received> {
+        let all = self.received.lock().unwrap();
+        all.get(start..)
+            .map(<[Received]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// How many requests were received so far.
+    pub fn received_count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// The most requests this sink was ever handling at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Requests received on `path`.
     pub fn received_on(&self, path: &str) -> Vec<Received> {
         self.received()
@@ -326,6 +410,143 @@ impl Sink {
     /// Stops accepting connections (established ones finish).
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+}
+
+/// A target that accepts TCP connections and never answers (a hung service):
+/// it reads and discards whatever arrives and holds each connection until the
+/// client closes it or the listener is dropped.
+pub struct HungListener {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl HungListener {
+    /// Listens on an ephemeral loopback port.
+    pub async fn start() -> HungListener {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let hung = HungListener {
+            addr: listener.local_addr().expect("addr"),
+            accepted: Arc::default(),
+            stop: CancellationToken::new(),
+        };
+        let (accepted, stop) = (hung.accepted.clone(), hung.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    () = stop.cancelled() => return,
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    loop {
+                        tokio::select! {
+                            read = stream.read(&mut buffer) => match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            },
+                            () = stop.cancelled() => return,
+                        }
+                    }
+                });
+            }
+        });
+        hung
+    }
+
+    /// A URL on this listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// How many connections it accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HungListener {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A small tmpfs mounted on a fresh temporary directory, for a disk that
+/// fills up; unmounted when dropped, also when the test panics. Mounting needs
+/// root (the tests run as root in CI); without it the test fails saying so.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it, e.g. `2m`).
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Tmpfs { dir },
+            Ok(output) => panic!(
+                "this test needs root to mount a tmpfs (mount -t tmpfs -o size={size} tmpfs {}): {} {}",
+                dir.path().display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            Err(err) => panic!("this test needs root and the `mount` command to mount a tmpfs: {err}"),
+        }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `name` until the file system refuses more (ENOSPC), so that any
+    /// write that needs one more block fails; returns the bytes written.
+    pub fn fill(&self, name: &str) -> u64 {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.path().join(name)).expect("create filler");
+        let block = vec![0xA5u8; 64 * 1024];
+        let mut written = 0u64;
+        let mut chunk = block.len();
+        // Large writes first, then smaller ones down to one byte, so the last
+        // partial page is used up too.
+        while chunk > 0 {
+            match file.write(&block[..chunk]) {
+                Ok(0) => chunk /= 2,
+                Ok(n) => written += n as u64,
+                Err(err) if err.raw_os_error() == Some(28) => chunk /= 2, // ENOSPC
+                Err(err) => panic!("filling {name}: {err}"),
+            }
+        }
+        file.sync_all().expect("sync filler");
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let path = self.dir.path().to_owned();
+        let unmounted = std::process::Command::new("umount")
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Still busy (a process holding a file): detach it now, freed when released.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&path)
+                .status();
+        }
     }
 }
 

@@ -1,0 +1,78 @@
+//! The quarantine: bodies the parser refused, kept so nothing Sinch sent is
+//! lost. Operators list them and, once the parser is fixed (or the sender's
+//! mistake understood), re-ingest them: a body that now parses is routed and
+//! committed exactly as if it had just arrived (with its first arrival as the
+//! receive time), then leaves the quarantine.
+
+use crate::ingest::prepare;
+use crate::postback;
+use crate::routing::Router;
+use crate::store::{Acceptance, QuarantinedBody, Store, StoreError};
+
+/// What replaying one body did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// Parsed and committed under a new envelope id.
+    Accepted {
+        /// The new envelope id.
+        id: String,
+        /// Targets it was routed to (empty: kept as a "no route" dead letter).
+        targets: Vec<String>,
+    },
+    /// Parsed, but the same postback was accepted already.
+    Duplicate {
+        /// The id it was accepted under.
+        original_id: String,
+    },
+    /// Still not a postback; it stays in the quarantine.
+    StillInvalid {
+        /// Today's parse error.
+        error: String,
+    },
+}
+
+/// Re-ingests the quarantined bodies `select` picks; returns each body's hash
+/// and outcome.
+pub async fn replay(
+    store: &dyn Store,
+    router: &Router,
+    source: &str,
+    select: impl Fn(&QuarantinedBody) -> bool,
+) -> Result<Vec<(String, Replayed)>, StoreError> {
+    let mut results = Vec::new();
+    for body in store
+        .list_quarantine()
+        .await?
+        .into_iter()
+        .filter(|b| select(b))
+    {
+        let outcome = match postback::parse(&body.body, body.content_type.as_deref()) {
+            Err(err) => Replayed::StillInvalid {
+                error: err.to_string(),
+            },
+            Ok(parsed) => {
+                let (new, decision) = prepare(
+                    &parsed,
+                    body.body.clone(),
+                    body.content_type.clone(),
+                    body.first_seen_ms,
+                    router,
+                    source,
+                );
+                let id = new.id.clone();
+                let outcome = match store.accept(new).await? {
+                    Acceptance::Accepted => Replayed::Accepted {
+                        id,
+                        targets: decision.targets,
+                    },
+                    Acceptance::Duplicate { original_id } => Replayed::Duplicate { original_id },
+                };
+                // Committed (or already there): the quarantine copy is done with.
+                store.remove_quarantined(&body.body_hash).await?;
+                outcome
+            }
+        };
+        results.push((body.body_hash, outcome));
+    }
+    Ok(results)
+}
