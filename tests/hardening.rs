@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -341,42 +340,18 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     relay.shutdown().await;
 }
 
-/// A self-signed certificate for 127.0.0.1, written as PEM files.
-fn write_certificate(dir: &std::path::Path) -> rustls_pki_types::CertificateDer<'static> {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .expect("generate a certificate");
-    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
-    certified.cert.der().clone()
-}
-
 /// A TLS connection to the relay that trusts only `root`.
 async fn tls_connect(
     relay: &TestRelay,
     root: &rustls_pki_types::CertificateDer<'static>,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    connector
-        .connect(name, connect(relay).await)
-        .await
-        .expect("TLS handshake with the expected certificate")
+    tls::connect(ingest_addr(relay), root).await
 }
 
 #[tokio::test]
 async fn tls_serves_postbacks_and_reloads_the_certificate_without_dropping_connections() {
     let certs = tempfile::tempdir().unwrap();
-    let first_cert = write_certificate(certs.path());
+    let first_cert = tls::write_certificate(certs.path());
     let relay = start_relay(&format!(
         "tls:\n  cert: {}\n  key: {}\n",
         certs.path().join("cert.pem").display(),
@@ -401,7 +376,7 @@ async fn tls_serves_postbacks_and_reloads_the_certificate_without_dropping_conne
     assert_closed(&mut plain, WAIT, "plain HTTP on the TLS listener").await;
 
     // Rotate: new files, then the reload SIGHUP triggers.
-    let second_cert = write_certificate(certs.path());
+    let second_cert = tls::write_certificate(certs.path());
     relay.handle.as_ref().unwrap().reload();
     let mut new = tls_connect(&relay, &second_cert).await;
     let request = post_with_headers(&relay, "/sinch/postback", "TLS-2", "");

@@ -336,3 +336,80 @@ async fn json_logs_are_one_object_per_line() {
     .await
     .expect("the log test ends within 60 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_tls_certificate() {
+    use tokio::io::AsyncWriteExt;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let first = tls::write_certificate(dir.path());
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "tls:\n  cert: {}\n  key: {}\n",
+                dir.path().join("cert.pem").display(),
+                dir.path().join("key.pem").display()
+            ),
+        );
+        let relay = RelayProcess::spawn(&config).await;
+        let addr: std::net::SocketAddr = relay
+            .url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let post = |id: &str| {
+            raw::post_bytes(
+                addr,
+                "/sinch/postback",
+                "text/xml",
+                &mo_xml(id, "all", "28444"),
+            )
+        };
+        let mut before = tls::connect(addr, &first).await;
+        before.write_all(&post("HUP-1")).await.unwrap();
+        assert_eq!(
+            raw::read_response(&mut before, Duration::from_secs(10))
+                .await
+                .status,
+            200
+        );
+
+        let second = tls::write_certificate(dir.path());
+        relay.signal("HUP");
+        let reloaded = async {
+            loop {
+                if relay.log().contains("TLS certificate reloaded") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), reloaded)
+            .await
+            .unwrap_or_else(|_| panic!("no reload logged:\n{}", relay.log()));
+        let mut after = tls::connect(addr, &second).await;
+        after.write_all(&post("HUP-2")).await.unwrap();
+        assert_eq!(
+            raw::read_response(&mut after, Duration::from_secs(10))
+                .await
+                .status,
+            200
+        );
+        // The connection from before the reload is still served.
+        before.write_all(&post("HUP-3")).await.unwrap();
+        assert_eq!(
+            raw::read_response(&mut before, Duration::from_secs(10))
+                .await
+                .status,
+            200
+        );
+        let (status, lines) =
+            tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+        assert!(status.success(), "exit {status}:\n{}", lines.join("\n"));
+    })
+    .await
+    .expect("the SIGHUP test ends within 60 s");
+}

@@ -211,14 +211,19 @@ impl RelayProcess {
         assert!(!status.success(), "a killed relay cannot exit cleanly");
     }
 
+    /// Sends a signal by name (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{name} failed");
+    }
+
     /// SIGTERM, then wait (bounded) for the exit; returns the status and the
     /// whole stderr.
     pub fn terminate(mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
+        self.signal("TERM");
         let status = wait_exit(&mut self.child, timeout, "graceful shutdown");
         if let Some(drain) = self.drain.take() {
             drain.join().expect("stderr drain thread");
