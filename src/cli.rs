@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::quarantine::{replay, Replayed};
 use crate::routing::Router;
-use crate::store::{QuarantinedBody, Store};
+use crate::store::{QuarantinedBody, Role, Store};
 
 /// Receives Sinch postbacks, commits them durably, delivers them to internal webhooks.
 #[derive(Debug, Parser)]
@@ -110,12 +110,11 @@ pub fn main(cli: Cli) -> ExitCode {
     let outcome = match cli.command {
         Command::CheckConfig { config: path } => {
             println!(
-                "{}: OK ({} targets, {} routes, store {} with sync={})",
+                "{}: OK ({} targets, {} routes, store {})",
                 path.display(),
                 config.targets.len(),
                 config.routes.len(),
-                config.store.path.display(),
-                config.store.sync
+                config.store.describe()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -137,18 +136,13 @@ fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> an
         .block_on(work)
 }
 
-/// `quarantine list|replay`: opens the store beside a running relay (its
+/// `quarantine list|replay`: opens the store beside running relays (their
 /// leases are left alone) and works on it directly.
 async fn quarantine(config: Config, action: QuarantineAction) -> anyhow::Result<ExitCode> {
-    let store = crate::store::SqliteStore::open(crate::store::SqliteOptions {
-        path: config.store.path.clone(),
-        sync: config.store.sync,
-        busy_timeout: config.store.busy_timeout.0,
-        dedupe_window: config.ingest.dedupe_window.0,
-        recover_leases: false,
-    })
-    .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
-    let store: &dyn Store = &store;
+    let opened = crate::store::open(&config, Role::Tool)
+        .await
+        .with_context(|| format!("cannot open the store ({})", config.store.describe()))?;
+    let store: &dyn Store = opened.as_ref();
     let code = match action {
         QuarantineAction::List { json, .. } => {
             let bodies = store.list_quarantine().await?;

@@ -232,30 +232,87 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-/// The embedded SQLite store.
+/// Where postbacks and the delivery queue live: the embedded SQLite file (one
+/// instance) or a PostgreSQL database shared by several instances.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Database file; its directory is created when missing.
+    /// `sqlite` (default) or `postgres`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// SQLite: database file; its directory is created when missing.
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
-    /// `full` fsyncs before every 200 (survives power loss); `normal` survives a
-    /// process crash but may lose the last commits on power loss.
+    /// SQLite: `full` fsyncs before every 200 (survives power loss); `normal`
+    /// survives a process crash but may lose the last commits on power loss.
     #[serde(default)]
     pub sync: SyncMode,
-    /// How long a commit waits for a lock held by another process (a backup, an
-    /// operator's sqlite3 shell) before the postback is answered 503.
+    /// SQLite: how long a commit waits for a lock held by another process (a
+    /// backup, an operator's sqlite3 shell) before the postback is answered 503.
     #[serde(default = "default_busy_timeout")]
     pub busy_timeout: HumanDuration,
+    /// PostgreSQL: connection URL (`postgres://user@host:5432/dbname`, libpq
+    /// style; key=value strings work too). Keep the password out of it.
+    pub url: Option<String>,
+    /// PostgreSQL: the password, from a file or an environment variable.
+    pub password: Option<SecretSource>,
+    /// PostgreSQL: connections per instance (two are held by the ingest writers).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// PostgreSQL: how long a claimed delivery stays leased to the instance
+    /// that claimed it; after a crash, another instance takes it over once
+    /// the lease ends. Default: per target, `2 × timeout + 30s`.
+    pub lease: Option<HumanDuration>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            backend: StoreBackend::default(),
             path: default_store_path(),
             sync: SyncMode::default(),
             busy_timeout: default_busy_timeout(),
+            url: None,
+            password: None,
+            pool_size: default_pool_size(),
+            lease: None,
         }
+    }
+}
+
+impl StoreConfig {
+    /// What the store is, for logs and `check-config` (never a password).
+    pub fn describe(&self) -> String {
+        match self.backend {
+            StoreBackend::Sqlite => {
+                format!("sqlite {} with sync={}", self.path.display(), self.sync)
+            }
+            StoreBackend::Postgres => format!(
+                "postgres {} with pool_size={}",
+                crate::store::describe_url(self.url.as_deref().unwrap_or_default()),
+                self.pool_size
+            ),
+        }
+    }
+}
+
+/// Which store backend keeps the queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One SQLite file: one relay instance.
+    #[default]
+    Sqlite,
+    /// One PostgreSQL database shared by any number of relay instances.
+    Postgres,
+}
+
+impl fmt::Display for StoreBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreBackend::Sqlite => "sqlite",
+            StoreBackend::Postgres => "postgres",
+        })
     }
 }
 
@@ -481,6 +538,9 @@ fn default_store_path() -> PathBuf {
 fn default_busy_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(2))
 }
+fn default_pool_size() -> usize {
+    10
+}
 fn default_source() -> String {
     "sinch:mms".to_owned()
 }
@@ -605,6 +665,7 @@ impl Config {
             crate::tls::load_server_config(&tls.cert, &tls.key)
                 .map_err(|message| ("tls".to_owned(), message))?;
         }
+        self.validate_store()?;
         if self.delivery.concurrency == 0 {
             return fail("delivery.concurrency".into(), "must be at least 1".into());
         }
@@ -651,6 +712,82 @@ impl Config {
                             }
                         ),
                     );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The store section: a PostgreSQL store needs a usable URL; a URL with
+    /// the SQLite backend is most likely a forgotten `backend: postgres`
+    /// (several instances, each with its own file, would not share anything).
+    fn validate_store(&self) -> Result<(), (String, String)> {
+        let store = &self.store;
+        match store.backend {
+            StoreBackend::Sqlite => {
+                if store.url.is_some() {
+                    return Err((
+                        "store.url".into(),
+                        "is set but `store.backend` is `sqlite`; add `backend: postgres` to use PostgreSQL"
+                            .into(),
+                    ));
+                }
+            }
+            StoreBackend::Postgres => {
+                let Some(url) = &store.url else {
+                    return Err((
+                        "store.url".into(),
+                        "`backend: postgres` needs a connection URL like \
+                         `postgres://relay@db.internal:5432/relay`"
+                            .into(),
+                    ));
+                };
+                // The parser's message, never the URL: it may hold a password.
+                let parsed = url.parse::<tokio_postgres::Config>().map_err(|err| {
+                    (
+                        "store.url".to_owned(),
+                        format!("not a PostgreSQL URL: {err}"),
+                    )
+                })?;
+                if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                    return Err((
+                        "store.url".into(),
+                        "sslmode=require: TLS to PostgreSQL is not supported yet; keep the \
+                         database on a private network (sslmode=disable or prefer)"
+                            .into(),
+                    ));
+                }
+                if let Some(password) = &store.password {
+                    password
+                        .resolve()
+                        .map_err(|message| ("store.password".to_owned(), message))?;
+                }
+                if store.pool_size < crate::store::MIN_POOL_SIZE {
+                    return Err((
+                        "store.pool_size".into(),
+                        format!("must be at least {}", crate::store::MIN_POOL_SIZE),
+                    ));
+                }
+                if let Some(lease) = store.lease {
+                    // A lease that ends while its attempt may still run would
+                    // hand the job to a second instance mid-delivery.
+                    let longest = self
+                        .targets
+                        .values()
+                        .map(|t| t.timeout.unwrap_or(self.delivery.timeout).0)
+                        .max()
+                        .unwrap_or(self.delivery.timeout.0);
+                    if lease.0 <= longest {
+                        return Err((
+                            "store.lease".into(),
+                            format!(
+                                "must be longer than the longest delivery timeout ({})",
+                                humantime::format_duration(longest)
+                            ),
+                        ));
+                    }
                 }
             }
         }

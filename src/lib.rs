@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! ingest ──▶ postback ──▶ envelope ──▶ routing ──▶ store ──▶ delivery ──▶ targets
-//! (HTTP)     (XML/JSON)   (CloudEvents) (YAML rules) (SQLite)  (retries,   (HTTP, file)
-//!                                                             dead letters)
+//! (HTTP)     (XML/JSON)   (CloudEvents) (YAML rules) (SQLite or (retries,   (HTTP, file)
+//!                                                   PostgreSQL) dead letters)
 //! ```
 //!
 //! `config` loads and validates everything before anything starts, `relay` wires

@@ -20,7 +20,7 @@ use crate::http_server::{serve, ServeOptions};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::routing::Router;
-use crate::store::{SqliteOptions, SqliteStore, Store};
+use crate::store::{self, Role, Store};
 use crate::tls::TlsReloader;
 
 /// How often the queue gauges are read from the store.
@@ -91,16 +91,9 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let ingest_addr = ingest_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(SqliteOptions {
-            path: config.store.path.clone(),
-            sync: config.store.sync,
-            busy_timeout: config.store.busy_timeout.0,
-            dedupe_window: config.ingest.dedupe_window.0,
-            recover_leases: true,
-        })
-        .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?,
-    );
+    let store: Arc<dyn Store> = store::open(&config, Role::Daemon)
+        .await
+        .with_context(|| format!("cannot open the store ({})", config.store.describe()))?;
     let metrics = Metrics::new();
     let client = build_client().context("cannot load the system's TLS root certificates")?;
     let targets = build_targets(&config, &client);
@@ -155,7 +148,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     tracing::info!(
         ingest = %ingest_addr, admin = %admin_addr, path = %config.ingest.path,
         tls = config.tls.is_some(),
-        store = %config.store.path.display(), sync = %config.store.sync,
+        store = %config.store.describe(),
         targets = targets.len(), routes = config.routes.len(),
         "postback-relay listening"
     );

@@ -1,6 +1,7 @@
 //! Delivery over real sockets: an in-process relay, recording sink servers on
 //! loopback, and the relay's own database and metrics as evidence. Backoffs are
-//! short so retries happen within a test; every wait is bounded.
+//! short so retries happen within a test; every wait is bounded. Runs on
+//! SQLite here and, compiled again as `delivery_postgres`, on PostgreSQL.
 
 mod common;
 

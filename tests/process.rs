@@ -1,5 +1,6 @@
 //! The real binary: crash (SIGKILL) and restart on the same store, graceful
-//! shutdown (SIGTERM), `check-config`, and JSON logs.
+//! shutdown (SIGTERM), `check-config`, and JSON logs. Runs on SQLite here and,
+//! compiled again as `process_postgres`, on PostgreSQL.
 //!
 //! The harness (the process guard, the load senders and their books) is in
 //! `common/process.rs`, shared with the fault tests in `faults.rs`.
@@ -20,14 +21,13 @@ use serde_json::Value;
 async fn acknowledged_postbacks_survive_sigkill() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let sink = Sink::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_config(
-            dir.path(),
-            &format!(
-                "{DELIVERY}targets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
-                sink.url("/inbox")
-            ),
-        );
+        // With PostgreSQL, leases of a killed relay are not voided at
+        // restart (other instances may hold live ones): they run out.
+        let store = TestStore::new().with_store("  lease: 4s\n");
+        let config = store.write_config(&format!(
+            "{DELIVERY}targets:\n  inbox: {{url: \"{}\", timeout: 2s}}\nroutes:\n  - targets: [inbox]\n",
+            sink.url("/inbox")
+        ));
         let mut acknowledged = BTreeMap::new();
         for (round, run_for) in [900u64, 1100, 1300].into_iter().enumerate() {
             let mut relay = RelayProcess::spawn(&config).await;
@@ -77,14 +77,11 @@ async fn sigterm_drains_and_loses_nothing() {
             headers: Vec::new(),
             delay: Duration::from_secs(1),
         });
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_config(
-            dir.path(),
-            &format!(
-                "{DELIVERY}targets:\n  inbox: {{url: \"{}\", concurrency: 4, timeout: 5s}}\nroutes:\n  - targets: [inbox]\n",
-                sink.url("/inbox")
-            ),
-        );
+        let store = TestStore::new();
+        let config = store.write_config(&format!(
+            "{DELIVERY}targets:\n  inbox: {{url: \"{}\", concurrency: 4, timeout: 5s}}\nroutes:\n  - targets: [inbox]\n",
+            sink.url("/inbox")
+        ));
         let relay = RelayProcess::spawn(&config).await;
         let load = Load::start(&relay.url, "term", 4, OnFault::Stop);
         // Deliveries are in flight (each takes 1 s) and senders are busy.
@@ -105,32 +102,19 @@ async fn sigterm_drains_and_loses_nothing() {
         assert!(!acknowledged.is_empty());
 
         // Every 200 is delivered or still queued in the store.
-        let conn = rusqlite::Connection::open_with_flags(
-            dir.path().join("relay.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let pending: BTreeSet<String> = conn
-            .prepare("SELECT event_id FROM jobs")
-            .unwrap()
-            .query_map([], |row| row.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let dead: i64 = conn
-            .query_row("SELECT COUNT(*) FROM dead_letters", [], |row| row.get(0))
-            .unwrap();
+        let pending: BTreeSet<String> = store
+            .query("SELECT event_id FROM jobs")
+            .into_iter()
+            .map(|row| match &row[0] {
+                rusqlite::types::Value::Text(id) => id.clone(),
+                other => panic!("event_id: {other:?}"),
+            })
+            .collect();
+        let dead = store.query_int("SELECT COUNT(*) FROM dead_letters");
         // Attempts in flight at SIGTERM were finished and recorded, not
         // abandoned with a lease.
-        let leased: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM jobs WHERE lease_until > 0",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
+        let leased = store.query_int("SELECT COUNT(*) FROM jobs WHERE lease_until > 0");
         assert_eq!(leased, 0, "deliveries abandoned in flight");
-        drop(conn);
         assert_eq!(dead, 0);
         let delivered: BTreeSet<String> = sink
             .received()
@@ -163,6 +147,12 @@ async fn sigterm_drains_and_loses_nothing() {
 
 #[test]
 fn check_config_accepts_good_files_and_names_the_culprit_in_bad_ones() {
+    if skip_unless(
+        Backend::Sqlite,
+        "config checks are the same for every backend",
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let check = |name: &str, yaml: &str| {
         let path = dir.path().join(name);
@@ -205,6 +195,36 @@ fn check_config_accepts_good_files_and_names_the_culprit_in_bad_ones() {
             "targets:\n  x: {url: \"ftp://x\"}\n",
             "targets.x.url",
         ),
+        (
+            "postgres-without-url.yaml",
+            "store: {backend: postgres}\n",
+            "store.url",
+        ),
+        (
+            "postgres-bad-url.yaml",
+            "store: {backend: postgres, url: \"postgres://relay@db:notaport/relay\"}\n",
+            "store.url",
+        ),
+        (
+            "url-but-sqlite.yaml",
+            "store: {url: \"postgres://relay@db/relay\"}\n",
+            "store.url",
+        ),
+        (
+            "postgres-password-missing.yaml",
+            "store: {backend: postgres, url: \"postgres://relay@db/relay\", password: {env: RELAY_TEST_NO_SUCH_VARIABLE}}\n",
+            "store.password",
+        ),
+        (
+            "postgres-short-lease.yaml",
+            "store: {backend: postgres, url: \"postgres://relay@db/relay\", lease: 5s}\ndelivery: {timeout: 10s}\n",
+            "store.lease",
+        ),
+        (
+            "unknown-backend.yaml",
+            "store: {backend: mysql}\n",
+            "store.backend",
+        ),
     ] {
         let (path, status, stdout, stderr) = check(name, yaml);
         assert!(!status.success(), "{name} accepted: {stdout}");
@@ -217,6 +237,18 @@ fn check_config_accepts_good_files_and_names_the_culprit_in_bad_ones() {
             "{name}: `{key}` not named in {stderr:?}"
         );
     }
+    // A PostgreSQL store is checked without connecting; the password never shows.
+    let (_, status, stdout, stderr) = check(
+        "postgres.yaml",
+        "store:\n  backend: postgres\n  url: \"postgres://relay:hunter2@db.internal:6432/relay\"\n  pool_size: 6\n",
+    );
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        stdout.contains("store postgres db.internal:6432/relay"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+
     let missing = dir.path().join("does-not-exist.yaml").display().to_string();
     let (status, stdout, stderr) = run_to_end(
         &["check-config", "--config", &missing],
@@ -243,6 +275,44 @@ fn check_config_accepts_good_files_and_names_the_culprit_in_bad_ones() {
     assert!(!status.success(), "run started with an invalid config");
     assert!(stderr.contains("targets.x.url"), "{stderr}");
     assert!(!stderr.contains("listening"), "{stderr}");
+}
+
+#[test]
+fn the_kubernetes_config_map_holds_a_valid_postgres_config() {
+    if skip_unless(
+        Backend::Sqlite,
+        "config checks are the same for every backend",
+    ) {
+        return;
+    }
+    // The `relay.yaml` block of the ConfigMap, as the pods get it.
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/configmap.yaml"
+    ))
+    .expect("read the ConfigMap");
+    let yaml: String = manifest
+        .lines()
+        .skip_while(|line| line.trim() != "relay.yaml: |")
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| format!("{}\n", line.get(4..).unwrap_or_default()))
+        .collect();
+    assert!(yaml.contains("backend: postgres"), "{yaml}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let output = relay_command(&["check-config", "--config", path.to_str().unwrap()])
+        .env("POSTBACK_RELAY_DB_PASSWORD", "from-the-secret")
+        .output()
+        .expect("run check-config");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("store postgres"), "{stdout}");
 }
 
 /// The keys of one JSON object, repeats kept (serde_json's `Value` would
@@ -273,14 +343,11 @@ impl<'de> Deserialize<'de> for Keys {
 async fn json_logs_are_one_object_per_line() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let sink = Sink::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_config(
-            dir.path(),
-            &format!(
-                "{DELIVERY}targets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
-                sink.url("/inbox")
-            ),
-        );
+        let store = TestStore::new();
+        let config = store.write_config(&format!(
+            "{DELIVERY}targets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
+            sink.url("/inbox")
+        ));
         let relay = RelayProcess::spawn(&config).await;
         let (status, answer) = post(&relay.url, Some("text/xml"), SEED_XML).await;
         assert_eq!(status, 200, "{answer}");
@@ -340,6 +407,9 @@ async fn json_logs_are_one_object_per_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_tls_certificate() {
     use tokio::io::AsyncWriteExt;
+    if skip_unless(Backend::Sqlite, "TLS reload does not involve the store") {
+        return;
+    }
     tokio::time::timeout(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().unwrap();
         let first = tls::write_certificate(dir.path());

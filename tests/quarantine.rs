@@ -1,5 +1,6 @@
 //! `postback-relay quarantine list|replay`, run as the real binary beside a
-//! running relay on the same store.
+//! running relay on the same store (SQLite here; PostgreSQL as the
+//! `quarantine_postgres` test target).
 
 mod common;
 
@@ -7,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use rusqlite::types::Value as Sql;
 use sha2::Digest;
 
 fn cli(relay: &TestRelay, args: &[&str]) -> (bool, String, String) {
@@ -14,7 +16,7 @@ fn cli(relay: &TestRelay, args: &[&str]) -> (bool, String, String) {
         .arg("quarantine")
         .args(args)
         .arg("--config")
-        .arg(relay.dir.path().join("relay.yaml"))
+        .arg(relay.config_path())
         .output()
         .expect("run the CLI");
     (
@@ -39,16 +41,14 @@ async fn quarantined_bodies_are_listed_and_replayed_once_they_parse() {
     // quarantined as such, parseable now.
     let fixable = mo_xml("REPLAYED-1", "all", "28444");
     let fixable_hash = hex::encode(sha2::Sha256::digest(fixable.as_bytes()));
-    {
-        let conn = rusqlite::Connection::open(relay.db_path()).unwrap();
-        conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        conn.execute(
-            "INSERT INTO quarantine (body_hash, body, content_type, error, first_seen, last_seen, seen_count)
-             VALUES (?1, ?2, 'text/xml', 'unknown wrapper element', 1700000000000, 1700000300000, 2)",
-            rusqlite::params![fixable_hash, fixable.as_bytes()],
-        )
-        .unwrap();
-    }
+    relay.execute(
+        "INSERT INTO quarantine (body_hash, body, content_type, error, first_seen, last_seen, seen_count)
+         VALUES (?1, ?2, 'text/xml', 'unknown wrapper element', 1700000000000, 1700000300000, 2)",
+        vec![
+            Sql::Text(fixable_hash.clone()),
+            Sql::Blob(fixable.as_bytes().to_vec()),
+        ],
+    );
 
     let (ok, table, stderr) = cli(&relay, &["list"]);
     assert!(ok, "{stderr}");
@@ -92,16 +92,14 @@ async fn quarantined_bodies_are_listed_and_replayed_once_they_parse() {
     assert_eq!(left.len(), 1, "only the still-invalid body stays");
 
     // Replaying the same postback again (say Sinch sent it meanwhile) is a duplicate.
-    {
-        let conn = rusqlite::Connection::open(relay.db_path()).unwrap();
-        conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        conn.execute(
-            "INSERT INTO quarantine (body_hash, body, content_type, error, first_seen, last_seen, seen_count)
-             VALUES (?1, ?2, 'text/xml', 'old', 1700000000000, 1700000000000, 1)",
-            rusqlite::params![fixable_hash, fixable.as_bytes()],
-        )
-        .unwrap();
-    }
+    relay.execute(
+        "INSERT INTO quarantine (body_hash, body, content_type, error, first_seen, last_seen, seen_count)
+         VALUES (?1, ?2, 'text/xml', 'old', 1700000000000, 1700000000000, 1)",
+        vec![
+            Sql::Text(fixable_hash.clone()),
+            Sql::Blob(fixable.as_bytes().to_vec()),
+        ],
+    );
     let (ok, report, stderr) = cli(&relay, &["replay", &fixable_hash[..10]]);
     assert!(ok, "{stderr}");
     assert!(report.contains("duplicate of"), "{report}");

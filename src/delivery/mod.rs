@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TargetKind};
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Job, Outcome, Store};
+use crate::store::{now_ms, Job, JobId, Outcome, Store};
 use retry::{Next, RetryPolicy, Verdict};
 use signing::SigningKey;
 use sink::{FileSink, HttpClient, HttpSink, Sink};
@@ -32,6 +32,13 @@ use sink::{FileSink, HttpClient, HttpSink, Sink};
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Pause after the store refused a claim, so a broken disk is not hammered.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// After a wake-up, how long a dispatcher lets new jobs gather before it
+/// claims: under load, one claim then takes many jobs instead of one each.
+const CLAIM_GATHER: Duration = Duration::from_millis(2);
+/// How long finished attempts gather before their outcomes are written in one
+/// store call, and how many at most.
+const OUTCOME_GATHER: Duration = Duration::from_millis(2);
+const OUTCOME_BATCH: usize = 256;
 
 /// A configured target, resolved for delivery.
 pub struct Target {
@@ -162,15 +169,32 @@ pub async fn run_dispatcher(
     let wake = wakers.get(&target.name);
     let slots = Arc::new(Semaphore::new(target.concurrency));
     let attempts = TaskTracker::new();
+    let (outcomes, finished) = tokio::sync::mpsc::unbounded_channel();
+    let recorder = tokio::spawn(record_outcomes(
+        store.clone(),
+        target.name.clone(),
+        finished,
+    ));
+    // Claim when at least half the slots are free (or after a short wait), so
+    // a busy target's claims take many jobs at once rather than one each.
+    let claim_at = (target.concurrency / 2).max(1);
     loop {
         let free = slots.available_permits();
-        if free == 0 {
-            tokio::select! {
-                permit = slots.acquire() => drop(permit),
-                () = shutdown.cancelled() => break,
+        if free < claim_at {
+            if free == 0 {
+                tokio::select! {
+                    permit = slots.acquire() => drop(permit),
+                    () = shutdown.cancelled() => break,
+                }
             }
-            continue;
+            if slots.available_permits() < claim_at {
+                tokio::select! {
+                    () = tokio::time::sleep(CLAIM_GATHER) => {},
+                    () = shutdown.cancelled() => break,
+                }
+            }
         }
+        let free = slots.available_permits();
         if shutdown.is_cancelled() {
             break;
         }
@@ -187,7 +211,7 @@ pub async fn run_dispatcher(
         };
         if jobs.is_empty() {
             tokio::select! {
-                () = wake.notified() => {},
+                () = wake.notified() => tokio::time::sleep(CLAIM_GATHER).await,
                 () = tokio::time::sleep(IDLE_POLL) => {},
                 () = shutdown.cancelled() => break,
             }
@@ -199,22 +223,54 @@ pub async fn run_dispatcher(
                 .try_acquire_owned()
                 .expect("claimed no more jobs than free slots");
             let target = target.clone();
-            let store = store.clone();
             let metrics = metrics.clone();
+            let outcomes = outcomes.clone();
             attempts.spawn(async move {
-                attempt(&target, store.as_ref(), &metrics, job).await;
+                let outcome = attempt(&target, &metrics, &job).await;
+                // The slot frees now; the job stays leased until its outcome
+                // is written, so no claim can take it twice.
+                let _ = outcomes.send((job.id, outcome));
                 drop(permit);
             });
         }
     }
     attempts.close();
     attempts.wait().await;
+    drop(outcomes);
+    let _ = recorder.await;
 }
 
-/// Sends one job and records what happened.
-async fn attempt(target: &Target, store: &dyn Store, metrics: &Metrics, job: Job) {
+/// Writes attempt outcomes to the store in batches. If a write fails, the
+/// jobs' leases run out and they are attempted again: at-least-once, never lost.
+async fn record_outcomes(
+    store: Arc<dyn Store>,
+    target: String,
+    mut finished: tokio::sync::mpsc::UnboundedReceiver<(JobId, Outcome)>,
+) {
+    while let Some(first) = finished.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + OUTCOME_GATHER;
+        while batch.len() < OUTCOME_BATCH {
+            tokio::select! {
+                next = finished.recv() => match next {
+                    Some(outcome) => batch.push(outcome),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let count = batch.len();
+        if let Err(err) = store.complete(batch).await {
+            tracing::error!(target = %target, error = %err, jobs = count,
+                "cannot record delivery outcomes; the jobs will be attempted again after their lease");
+        }
+    }
+}
+
+/// Sends one job; counts and logs what happened and returns it.
+async fn attempt(target: &Target, metrics: &Metrics, job: &Job) -> Outcome {
     let started = Instant::now();
-    let result = target.sink.send(&job, target.timeout).await;
+    let result = target.sink.send(job, target.timeout).await;
     metrics
         .delivery_duration
         .with_label_values(&[&target.name])
@@ -276,10 +332,5 @@ async fn attempt(target: &Target, store: &dyn Store, metrics: &Metrics, job: Job
             "delivery given up; kept as dead letter"
         ),
     }
-    // If this fails the lease runs out and the job is attempted again:
-    // at-least-once, never lost.
-    if let Err(err) = store.complete(job.id, outcome).await {
-        tracing::error!(id = %job.event_id, target = %target.name, error = %err,
-            "cannot record delivery outcome; the job will be attempted again after its lease");
-    }
+    outcome
 }

@@ -77,7 +77,7 @@ pub struct Postback {
     /// Format it arrived in.
     pub format: Format,
     /// Every field under its canonical name (see [`canonical_name`]), including
-    /// unknown ones; `content` has been lifted into `files`.
+    /// unknown ones; `content` (and a field named `files`) has been lifted into `files`.
     pub fields: Map<String, Value>,
     /// URLs of the MMS content files, in order.
     pub files: Vec<String>,
@@ -120,17 +120,26 @@ impl Postback {
                 fields = inner.clone();
             }
         }
-        let files = match fields.remove("content") {
-            Some(content) => match content_files(&content) {
-                Some(files) => files,
-                None => {
-                    // A shape we do not know: keep it rather than drop it.
-                    fields.insert("content".into(), content);
-                    Vec::new()
+        // `files` is where the envelope puts the content URLs, so a field of
+        // that name can only be another spelling of `content`.
+        let mut files = Vec::new();
+        for name in ["content", "files"] {
+            let Some(value) = fields.remove(name) else {
+                continue;
+            };
+            match content_files(&value) {
+                Some(urls) => files.extend(urls),
+                // A shape we do not know: keep it rather than drop it.
+                None if name == "content" => {
+                    fields.insert(name.into(), value);
                 }
-            },
-            None => Vec::new(),
-        };
+                None => {
+                    return Err(ParseError::Shape(
+                        "field `files` is not a list of content file URLs".into(),
+                    ))
+                }
+            }
+        }
         if files.len() > limits::MAX_FILES {
             return Err(ParseError::Limit(format!(
                 "too many content files: {} (at most {})",
@@ -436,6 +445,33 @@ mod tests {
         assert!(
             matches!(parse(body.as_bytes(), None), Err(ParseError::Limit(m)) if m.contains("fields"))
         );
+    }
+
+    /// Found by `cargo fuzz run ingest` (fuzz/regressions/ingest/files-field-collides-with-content-list):
+    /// an unknown field named `files` was kept as is, so the envelope's `data.files`
+    /// was `""` instead of a list of `{url}` (or, next to `content`, overwritten).
+    #[test]
+    fn a_files_field_is_read_as_content_files() {
+        let p = parse(br#"{"origin":"MT","code":"4","files":""}"#, None).unwrap();
+        assert!(p.files.is_empty());
+        assert!(!p.fields.contains_key("files"), "{:?}", p.fields);
+        let p = parse(
+            br#"{"origin":"MMS_MO","code":"N401","content":[{"file":"a"}],"Files":["b"]}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.files, vec!["a", "b"]);
+        assert!(!p.fields.contains_key("files") && !p.fields.contains_key("content"));
+        let p = parse(
+            b"<postback><origin>MMS_MO</origin><code>N401</code><FILES><file>c</file></FILES></postback>",
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.files, vec!["c"]);
+        assert!(matches!(
+            parse(br#"{"origin":"MMS_MO","code":"N401","files":{"odd":"x"}}"#, None),
+            Err(ParseError::Shape(m)) if m.contains("files")
+        ));
     }
 
     #[test]

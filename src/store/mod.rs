@@ -1,7 +1,7 @@
 //! The store seam: everything the relay must not lose goes through [`Store`].
 //!
-//! The contract every backend keeps (SQLite now, PostgreSQL when several
-//! instances share one queue):
+//! The contract every backend keeps (SQLite for one instance, PostgreSQL when
+//! several instances share one queue):
 //! - [`Store::accept`] returns only after the postback, its dedupe key and one
 //!   delivery job per routed target are durably committed; ingest answers 200
 //!   only then. An error means nothing was acknowledged (ingest answers 503).
@@ -11,15 +11,74 @@
 //!   (the job is gone), retry later, or dead letter (kept with its reason).
 //!
 //! Times are Unix milliseconds; backends do their own batching.
+//!
+//! Two backends: [`SqliteStore`] (embedded, one instance, the default) and
+//! [`PostgresStore`] (several instances sharing one queue); [`open`] picks the
+//! one the config names.
 
+mod postgres;
 mod sqlite;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::config::{Config, StoreBackend};
+
+pub use postgres::{describe_url, PostgresOptions, PostgresStore, MIN_POOL_SIZE};
 pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// Who opens the store, which decides what may be assumed about other users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The relay daemon. With SQLite it is the only instance, so leases left
+    /// by a previous process are void; with PostgreSQL other instances' leases
+    /// are alive and are left to run out.
+    Daemon,
+    /// A command-line tool working beside a running relay: it voids nothing
+    /// and starts no background work.
+    Tool,
+}
+
+/// Opens the backend the config names (`store.backend`).
+pub async fn open(config: &Config, role: Role) -> Result<Arc<dyn Store>, StoreError> {
+    let store = &config.store;
+    Ok(match store.backend {
+        StoreBackend::Sqlite => Arc::new(SqliteStore::open(SqliteOptions {
+            path: store.path.clone(),
+            sync: store.sync,
+            busy_timeout: store.busy_timeout.0,
+            dedupe_window: config.ingest.dedupe_window.0,
+            recover_leases: role == Role::Daemon,
+        })?),
+        StoreBackend::Postgres => {
+            let password = match &store.password {
+                Some(source) => Some(
+                    source
+                        .resolve()
+                        .map_err(|err| StoreError::Database(format!("store.password: {err}")))?,
+                ),
+                None => None,
+            };
+            Arc::new(
+                PostgresStore::open(PostgresOptions {
+                    url: store.url.clone().unwrap_or_default(),
+                    password,
+                    pool_size: match role {
+                        Role::Daemon => store.pool_size,
+                        Role::Tool => 2,
+                    },
+                    lease: store.lease.map(|lease| lease.0),
+                    dedupe_window: config.ingest.dedupe_window.0,
+                    background: role == Role::Daemon,
+                })
+                .await?,
+            )
+        }
+    })
+}
 
 /// Label under which dead letters of unrouted postbacks are counted.
 pub const NO_ROUTE_TARGET: &str = "(no route)";
@@ -178,8 +237,8 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<Job>, StoreError>;
-    /// Records the end of an attempt.
-    async fn complete(&self, job: JobId, outcome: Outcome) -> Result<(), StoreError>;
+    /// Records the end of attempts, in one batch.
+    async fn complete(&self, outcomes: Vec<(JobId, Outcome)>) -> Result<(), StoreError>;
     /// A small durable write, so readiness recovers by itself once the store
     /// can commit again, even when no postback arrives.
     async fn probe(&self) -> Result<(), StoreError>;

@@ -126,7 +126,7 @@ enum Command {
         lease: Duration,
         reply: Reply<Vec<Job>>,
     },
-    Complete(JobId, Outcome, Reply<()>),
+    Complete(Vec<(JobId, Outcome)>, Reply<()>),
     Probe(Reply<()>),
     Close(Reply<()>),
 }
@@ -153,8 +153,17 @@ impl SqliteStore {
         let reader = open_connection(&options.path, &options)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let ready = Arc::new(AtomicBool::new(true));
+        // Checkpoints run on their own thread (see `Checkpointer`), never in
+        // the middle of a commit that someone is waiting for.
+        writer
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .map_err(db_error)?;
+        let checkpointer = Checkpointer::start(open_connection(&options.path, &options)?)?;
         let worker = Writer {
             conn: writer,
+            sync: options.sync.into(),
+            current_sync: None,
+            checkpointer: Some(checkpointer),
             dedupe_window_ms: options.dedupe_window.as_millis() as i64,
             ready: ready.clone(),
             last_prune: std::time::Instant::now(),
@@ -233,9 +242,8 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn complete(&self, job: JobId, outcome: Outcome) -> Result<(), StoreError> {
-        self.call(|reply| Command::Complete(job, outcome, reply))
-            .await
+    async fn complete(&self, outcomes: Vec<(JobId, Outcome)>) -> Result<(), StoreError> {
+        self.call(|reply| Command::Complete(outcomes, reply)).await
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
@@ -342,6 +350,12 @@ fn db_error(err: rusqlite::Error) -> StoreError {
 /// The single writer: owns the write connection.
 struct Writer {
     conn: Connection,
+    /// The configured `synchronous` level for acknowledged writes.
+    sync: Sync,
+    /// The level the connection is at now (None: unknown).
+    current_sync: Option<Sync>,
+    /// Runs WAL checkpoints beside the writer; stopped before closing.
+    checkpointer: Option<Checkpointer>,
     dedupe_window_ms: i64,
     ready: Arc<AtomicBool>,
     /// When expired dedupe keys were last deleted.
@@ -396,9 +410,10 @@ impl Writer {
                 if !rest.is_empty() {
                     self.apply_batch(rest);
                 }
+                drop(self.checkpointer.take());
                 let result = self
-                    .conn
-                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .set_sync(true)
+                    .and_then(|()| self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
                     .map_err(db_error);
                 let _ = reply.send(result);
                 return;
@@ -435,8 +450,15 @@ impl Writer {
         commands: Vec<Command>,
         pending: &mut Vec<Box<dyn Pending>>,
     ) -> Result<(), StoreError> {
-        let begin = self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db_error);
-        let mut aborted = begin.err();
+        // Only what ingest acknowledges needs its fsync before the answer:
+        // delivery bookkeeping (claims, outcomes) is written without one, and
+        // the next durable commit's fsync covers it. Losing it to a power cut
+        // costs a repeated delivery, never a lost postback.
+        let durable = commands.iter().any(Command::is_acknowledged);
+        let begin = self
+            .set_sync(durable)
+            .and_then(|()| run(&self.conn, "BEGIN IMMEDIATE"));
+        let mut aborted = begin.err().map(db_error);
         for command in commands {
             if let Some(err) = &aborted {
                 fail(command, err);
@@ -453,7 +475,7 @@ impl Writer {
             pending.push(answer);
         }
         if let Some(err) = aborted {
-            let _ = self.conn.execute_batch("ROLLBACK");
+            let _ = run(&self.conn, "ROLLBACK");
             return Err(err);
         }
         if self.last_prune.elapsed() >= DEDUPE_PRUNE_EVERY {
@@ -462,9 +484,20 @@ impl Writer {
                 tracing::warn!(error = %err, "could not prune expired dedupe keys");
             }
         }
-        if let Err(err) = self.conn.execute_batch("COMMIT") {
-            let _ = self.conn.execute_batch("ROLLBACK");
+        if let Err(err) = run(&self.conn, "COMMIT") {
+            let _ = run(&self.conn, "ROLLBACK");
             return Err(db_error(err));
+        }
+        Ok(())
+    }
+
+    /// Switches `synchronous` between the configured level (for batches that
+    /// carry something ingest will acknowledge) and OFF (bookkeeping only).
+    fn set_sync(&mut self, durable: bool) -> rusqlite::Result<()> {
+        let wanted = if durable { self.sync } else { Sync::Off };
+        if self.current_sync != Some(wanted) {
+            run(&self.conn, wanted.pragma())?;
+            self.current_sync = Some(wanted);
         }
         Ok(())
     }
@@ -475,15 +508,16 @@ impl Writer {
             conn: &Connection,
             work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
         ) -> Result<T, StoreError> {
-            conn.execute_batch("SAVEPOINT command").map_err(db_error)?;
+            run(conn, "SAVEPOINT command").map_err(db_error)?;
             match work(conn) {
                 Ok(value) => {
-                    conn.execute_batch("RELEASE command").map_err(db_error)?;
+                    run(conn, "RELEASE command").map_err(db_error)?;
                     Ok(value)
                 }
                 Err(err) => {
                     if !conn.is_autocommit() {
-                        let _ = conn.execute_batch("ROLLBACK TO command; RELEASE command");
+                        let _ = run(conn, "ROLLBACK TO command");
+                        let _ = run(conn, "RELEASE command");
                     }
                     Err(db_error(err))
                 }
@@ -512,9 +546,14 @@ impl Writer {
                 lease,
                 reply,
             } => Box::new((reply, isolated(conn, |c| claim(c, &target, limit, lease)))),
-            Command::Complete(job, outcome, reply) => {
-                Box::new((reply, isolated(conn, |c| complete(c, job, &outcome))))
-            }
+            Command::Complete(outcomes, reply) => Box::new((
+                reply,
+                isolated(conn, |c| {
+                    outcomes
+                        .iter()
+                        .try_for_each(|(job, outcome)| complete(c, *job, outcome))
+                }),
+            )),
             Command::Probe(reply) => Box::new((
                 reply,
                 isolated(conn, |c| {
@@ -530,6 +569,94 @@ impl Writer {
     }
 }
 
+/// How often committed WAL frames are copied into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// Copies committed WAL frames into the database file on its own connection
+/// and thread, so no commit anyone waits for runs a checkpoint. It uses the
+/// configured `synchronous` level, which keeps SQLite's ordering (WAL synced
+/// before the database is written) even though bookkeeping commits skip their
+/// fsync. Dropping it stops the thread.
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(conn: Connection) -> Result<Checkpointer, StoreError> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    // PASSIVE never blocks the writer; a busy or failed
+                    // checkpoint is simply tried again next time.
+                    if let Err(err) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+                        tracing::debug!(error = %err, "WAL checkpoint did not run");
+                    }
+                }
+            })
+            .map_err(|err| {
+                StoreError::Database(format!("cannot start checkpoint thread: {err}"))
+            })?;
+        Ok(Checkpointer {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs a statement without parameters or rows, prepared once per connection
+/// (transaction control is on every batch's path).
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+impl Command {
+    /// Whether ingest answers 200 (or 400) on the strength of this write.
+    fn is_acknowledged(&self) -> bool {
+        matches!(self, Command::Accept(..) | Command::Quarantine(..))
+    }
+}
+
+/// SQLite `synchronous` levels the writer switches between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    Full,
+    Normal,
+    Off,
+}
+
+impl Sync {
+    fn pragma(self) -> &'static str {
+        match self {
+            Sync::Full => "PRAGMA synchronous = FULL",
+            Sync::Normal => "PRAGMA synchronous = NORMAL",
+            Sync::Off => "PRAGMA synchronous = OFF",
+        }
+    }
+}
+
+impl From<SyncMode> for Sync {
+    fn from(mode: SyncMode) -> Sync {
+        match mode {
+            SyncMode::Full => Sync::Full,
+            SyncMode::Normal => Sync::Normal,
+        }
+    }
+}
+
 /// Answers a command that cannot run because its batch already failed.
 fn fail(command: Command, err: &StoreError) {
     let err = Err(err.clone());
@@ -538,7 +665,7 @@ fn fail(command: Command, err: &StoreError) {
         Command::Quarantine(_, reply) => drop(reply.send(err)),
         Command::Claim { reply, .. } => drop(reply.send(err.map(|()| Vec::new()))),
         Command::RemoveQuarantined(_, reply) => drop(reply.send(err.map(|()| false))),
-        Command::Complete(_, _, reply) | Command::Probe(reply) | Command::Close(reply) => {
+        Command::Complete(_, reply) | Command::Probe(reply) | Command::Close(reply) => {
             drop(reply.send(err))
         }
     }

@@ -5,6 +5,7 @@
 //! binary and the load that is sent to it are in [`process`].
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod pg;
 pub mod raw;
 pub mod tls;
 
@@ -73,10 +74,149 @@ pub async fn bounded<T>(limit: Duration, what: &str, test: impl Future<Output = 
         .unwrap_or_else(|_| panic!("{what}: not finished within {limit:?}"))
 }
 
+/// The store backend a test binary runs against. A test target whose name
+/// ends in `_postgres` (e.g. `ingest_postgres`, which compiles the same
+/// `ingest.rs`) runs on PostgreSQL; any other on SQLite, unless
+/// `RELAY_TEST_BACKEND=postgres` says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded SQLite store in a temporary directory.
+    Sqlite,
+    /// A fresh database on the tests' PostgreSQL server.
+    Postgres,
+}
+
+/// The backend of this test binary.
+pub fn backend() -> Backend {
+    if env!("CARGO_CRATE_NAME").ends_with("_postgres") {
+        return Backend::Postgres;
+    }
+    match std::env::var("RELAY_TEST_BACKEND").as_deref() {
+        Ok("postgres") => Backend::Postgres,
+        _ => Backend::Sqlite,
+    }
+}
+
+/// For tests that exercise something only one backend has (an SQLite file
+/// lock, a full disk under the SQLite file): true, with a note, when this
+/// binary runs on another backend and the test should return at once.
+pub fn skip_unless(wanted: Backend, why: &str) -> bool {
+    let skip = backend() != wanted;
+    if skip {
+        eprintln!("skipped on {:?}: {why}", backend());
+    }
+    skip
+}
+
+/// Where a test relay keeps its state: a temporary directory (its config, and
+/// with SQLite its database) and, with PostgreSQL, a database of its own,
+/// dropped with this guard.
+pub struct TestStore {
+    /// Holds the config file (and the SQLite database).
+    pub dir: tempfile::TempDir,
+    /// The PostgreSQL database, when the backend is PostgreSQL.
+    pub db: Option<pg::TestDatabase>,
+    /// More `store:` keys (indented lines), e.g. `"  lease: 4s\n"`.
+    pub store_extra: String,
+}
+
+impl TestStore {
+    /// A store for this binary's backend.
+    pub fn new() -> TestStore {
+        TestStore::on(backend())
+    }
+
+    /// A store on `backend`.
+    pub fn on(backend: Backend) -> TestStore {
+        TestStore {
+            dir: tempfile::tempdir().expect("temp dir"),
+            db: (backend == Backend::Postgres).then(pg::TestDatabase::create),
+            store_extra: String::new(),
+        }
+    }
+
+    /// Adds `store:` keys (indented lines) to the configs it writes. A
+    /// `lease` is used by PostgreSQL only: with SQLite, leases end at restart.
+    pub fn with_store(mut self, extra: &str) -> TestStore {
+        self.store_extra.push_str(extra);
+        self
+    }
+
+    /// The temporary directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `store:` section of the config.
+    pub fn yaml(&self) -> String {
+        match &self.db {
+            None => format!(
+                "store:\n  path: {}\n  busy_timeout: 200ms\n{}",
+                self.dir.path().join("relay.db").display(),
+                self.store_extra
+            ),
+            Some(db) => format!(
+                "store:\n  backend: postgres\n  url: \"{}\"\n{}",
+                db.url, self.store_extra
+            ),
+        }
+    }
+
+    /// Config text with ephemeral ports and this store; `rest` adds targets,
+    /// routes and any other section.
+    pub fn config_yaml(&self, rest: &str) -> String {
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{}{rest}\n",
+            self.yaml()
+        )
+    }
+
+    /// Writes [`TestStore::config_yaml`] to `relay.yaml` in the directory.
+    pub fn write_config(&self, rest: &str) -> PathBuf {
+        let path = self.dir.path().join("relay.yaml");
+        std::fs::write(&path, self.config_yaml(rest)).expect("write config");
+        path
+    }
+
+    /// Rows of a query against the store (read-only with SQLite; safe while
+    /// relays run). Table and column names are the same on both backends.
+    pub fn query(&self, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+        match &self.db {
+            None => query_db(&self.dir.path().join("relay.db"), sql),
+            Some(db) => db.query(sql),
+        }
+    }
+
+    /// The one integer a query returns (`SELECT COUNT(*) ...`); NULL is 0.
+    pub fn query_int(&self, sql: &str) -> i64 {
+        single_int(sql, self.query(sql))
+    }
+
+    /// Runs a statement with `?1`-style parameters beside the relay.
+    pub fn execute(&self, sql: &str, params: Vec<rusqlite::types::Value>) -> u64 {
+        match &self.db {
+            None => {
+                let conn =
+                    rusqlite::Connection::open(self.dir.path().join("relay.db")).expect("open db");
+                conn.busy_timeout(Duration::from_secs(5)).unwrap();
+                conn.execute(sql, rusqlite::params_from_iter(params))
+                    .unwrap_or_else(|err| panic!("{sql}: {err}")) as u64
+            }
+            Some(db) => db.execute(sql, params),
+        }
+    }
+}
+
+impl Default for TestStore {
+    fn default() -> Self {
+        TestStore::new()
+    }
+}
+
 /// A relay running in this process.
 pub struct TestRelay {
-    /// Holds the store and the config file; removed when the test ends.
-    pub dir: tempfile::TempDir,
+    /// Its config file and store; removed when the test ends.
+    pub store: TestStore,
     /// The running relay (taken by `shutdown`).
     pub handle: Option<RelayHandle>,
     /// Full URL of the postback endpoint.
@@ -85,7 +225,7 @@ pub struct TestRelay {
     pub admin: String,
 }
 
-/// Config text with ephemeral ports and the store in `dir`; `rest` adds
+/// Config text with ephemeral ports and an SQLite store in `dir`; `rest` adds
 /// targets, routes and any other section.
 pub fn config_yaml(dir: &Path, rest: &str) -> String {
     format!(
@@ -94,22 +234,21 @@ pub fn config_yaml(dir: &Path, rest: &str) -> String {
     )
 }
 
-/// Starts a relay whose config is the ephemeral basics plus `rest`.
+/// Starts a relay whose config is the ephemeral basics plus `rest`, on this
+/// binary's backend.
 pub async fn start_relay(rest: &str) -> TestRelay {
-    let dir = tempfile::tempdir().expect("temp dir");
-    start_relay_in(dir, rest).await
+    start_relay_in(TestStore::new(), rest).await
 }
 
-/// Starts a relay with its store in an existing directory (for restarts).
-pub async fn start_relay_in(dir: tempfile::TempDir, rest: &str) -> TestRelay {
-    let path = dir.path().join("relay.yaml");
-    std::fs::write(&path, config_yaml(dir.path(), rest)).expect("write config");
+/// Starts a relay on an existing store (for restarts).
+pub async fn start_relay_in(store: TestStore, rest: &str) -> TestRelay {
+    let path = store.write_config(rest);
     let config = Config::load(&path).unwrap_or_else(|err| panic!("test config invalid: {err}"));
     let handle = relay::start(config).await.expect("relay starts");
     TestRelay {
         url: format!("http://{}/sinch/postback", handle.ingest_addr),
         admin: format!("http://{}", handle.admin_addr),
-        dir,
+        store,
         handle: Some(handle),
     }
 }
@@ -117,18 +256,23 @@ pub async fn start_relay_in(dir: tempfile::TempDir, rest: &str) -> TestRelay {
 impl TestRelay {
     /// Path of the relay's SQLite database, for looking at what it kept.
     pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("relay.db")
+        self.store.path().join("relay.db")
     }
 
-    /// Gracefully stops the relay and returns its directory for a restart.
-    pub async fn shutdown(mut self) -> tempfile::TempDir {
+    /// Its config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.store.path().join("relay.yaml")
+    }
+
+    /// Gracefully stops the relay and returns its store for a restart.
+    pub async fn shutdown(mut self) -> TestStore {
         if let Some(handle) = self.handle.take() {
             tokio::time::timeout(Duration::from_secs(30), handle.shutdown())
                 .await
                 .expect("shutdown within 30 s")
                 .expect("clean shutdown");
         }
-        self.dir
+        self.store
     }
 
     /// The value of one metric sample, e.g. `relay_dead_letters{target="a"}`.
@@ -138,9 +282,14 @@ impl TestRelay {
         metric_value(&body, sample)
     }
 
-    /// Rows of a query against the relay's database (read-only).
+    /// Rows of a query against the relay's store (read-only with SQLite).
     pub fn query(&self, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
-        query_db(&self.db_path(), sql)
+        self.store.query(sql)
+    }
+
+    /// Runs a statement with `?1`-style parameters against the relay's store.
+    pub fn execute(&self, sql: &str, params: Vec<rusqlite::types::Value>) -> u64 {
+        self.store.execute(sql, params)
     }
 }
 
@@ -160,7 +309,11 @@ pub fn query_db(db: &Path, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
 
 /// The one integer a read-only query returns (`SELECT COUNT(*) ...`); NULL is 0.
 pub fn query_int(db: &Path, sql: &str) -> i64 {
-    match query_db(db, sql).first().and_then(|row| row.first()) {
+    single_int(sql, query_db(db, sql))
+}
+
+fn single_int(sql: &str, rows: Vec<Vec<rusqlite::types::Value>>) -> i64 {
+    match rows.first().and_then(|row| row.first()) {
         Some(rusqlite::types::Value::Integer(n)) => *n,
         Some(rusqlite::types::Value::Null) | None => 0,
         Some(other) => panic!("{sql}: not an integer: {other:?}"),

@@ -1,0 +1,1250 @@
+//! The shared store: PostgreSQL, for several relay instances behind one load
+//! balancer. Same contract as the SQLite store (see the module docs of
+//! [`crate::store`]); what differs is who else is writing.
+//!
+//! - **Accepts** go to a channel drained by two writer tasks, each holding one
+//!   pooled connection. A writer takes every postback waiting and commits them
+//!   with one statement in one transaction (`BEGIN`, the statement and `COMMIT`
+//!   pipelined: one round trip and one WAL flush per batch, with
+//!   `synchronous_commit` as the server has it — on by default). Callers hear
+//!   "accepted" only after `COMMIT` returned.
+//! - **Dedupe** is a unique key: `INSERT ... ON CONFLICT (key) DO UPDATE` that
+//!   takes the key over only when the stored one is older than the window, and
+//!   returns whose key it is. Two instances racing on one key are serialised by
+//!   the key's index entry: the second waits for the first to commit, then sees
+//!   its key and is answered "duplicate". Keys are inserted in sorted order, so
+//!   two batches never wait on each other in a circle.
+//! - **Claims** lease due jobs with `FOR UPDATE SKIP LOCKED` by moving their
+//!   `next_at` (and `lease_until`) past the lease: instances never wait on
+//!   each other's claims, and a job claimed by an instance that died is due
+//!   again when its lease runs out. Leases are never voided at start: the other
+//!   instances' leases are alive.
+//! - **Outcomes** of a batch of attempts are written in one transaction with a
+//!   few array (`UNNEST`) statements. Claims and outcomes are bookkeeping and
+//!   commit with `synchronous_commit = off`: a server crash may forget the last
+//!   of them, which costs a repeated delivery, never a lost postback.
+//! - An event's bodies are deleted once no job and no dead letter needs them;
+//!   the event row is locked first, so two instances finishing the last two
+//!   jobs of one event cannot both miss the other's delete.
+//! - Anything that cannot reach the server fails fast (connect and pool waits
+//!   of 2 s, 5 s for any operation), marks the store unready and is answered
+//!   503 by ingest; the relay's probe brings readiness back when a write
+//!   succeeds again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures_util::future::{join3, join_all, BoxFuture};
+use futures_util::FutureExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    now_ms, Acceptance, Job, JobId, NewPostback, Outcome, QuarantineEntry, QuarantinedBody, Store,
+    StoreError, TargetStats, NO_ROUTE_TARGET,
+};
+
+/// Connecting to the server, and waiting for a free pooled connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Any one store operation (a batch, a claim, a query), pool wait included.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Writer tasks for accepts: while one batch commits, the next one gathers.
+const ACCEPT_WRITERS: usize = 2;
+/// Postbacks committed in one statement at most.
+const MAX_BATCH: usize = 512;
+/// Postbacks waiting for a writer before callers wait for room.
+const QUEUE_CAPACITY: usize = 16 * 1024;
+/// How often expired dedupe keys and stale heartbeats are deleted, and how
+/// many dedupe keys per statement.
+const JANITOR_EVERY: Duration = Duration::from_secs(60);
+const DEDUPE_PRUNE_LIMIT: i64 = 10_000;
+const DEDUPE_PRUNE_ROUNDS: usize = 30;
+/// Heartbeats of instances not seen for this long are deleted.
+const HEARTBEAT_KEEP_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Key of the advisory lock that serialises migrations of instances starting
+/// at once ("relaymig" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
+/// Smallest pool that leaves room for delivery next to the accept writers.
+pub const MIN_POOL_SIZE: usize = ACCEPT_WRITERS + 2;
+
+/// The schema, one entry per version; each migrates from the previous one.
+/// Table and column names are those of the SQLite store.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    id           TEXT PRIMARY KEY,
+    received_at  BIGINT NOT NULL,
+    envelope     BYTEA NOT NULL,
+    raw_body     BYTEA NOT NULL,
+    content_type TEXT
+);
+CREATE TABLE jobs (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    created_at  BIGINT NOT NULL,
+    next_at     BIGINT NOT NULL,
+    lease_until BIGINT NOT NULL DEFAULT 0,
+    last_status INTEGER,
+    last_error  TEXT
+);
+CREATE INDEX jobs_due ON jobs (target, next_at, id);
+CREATE INDEX jobs_event ON jobs (event_id);
+CREATE TABLE dead_letters (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    attempts    INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error  TEXT,
+    dead_at     BIGINT NOT NULL
+);
+CREATE INDEX dead_letters_event ON dead_letters (event_id);
+CREATE TABLE dedupe (
+    key         TEXT PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    accepted_at BIGINT NOT NULL
+);
+CREATE INDEX dedupe_age ON dedupe (accepted_at);
+CREATE TABLE heartbeat (
+    id TEXT PRIMARY KEY,
+    at BIGINT NOT NULL
+);
+CREATE TABLE quarantine (
+    body_hash    TEXT PRIMARY KEY,
+    body         BYTEA NOT NULL,
+    content_type TEXT,
+    error        TEXT NOT NULL,
+    first_seen   BIGINT NOT NULL,
+    last_seen    BIGINT NOT NULL,
+    seen_count   BIGINT NOT NULL
+);
+"#];
+
+/// Commits a batch of postbacks: dedupe keys (sorted), then the events whose
+/// key this batch won, their jobs, and a "no route" dead letter for those
+/// without targets. Returns every key with the event id that owns it now.
+const ACCEPT_SQL: &str = r#"
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[], $6::text[])
+        AS i(key, id, received_at, envelope, raw_body, content_type)
+), keyed AS (
+    INSERT INTO dedupe AS d (key, event_id, accepted_at)
+    SELECT key, id, received_at FROM input ORDER BY key
+    ON CONFLICT (key) DO UPDATE SET
+        event_id = CASE WHEN d.accepted_at < EXCLUDED.accepted_at - $9
+                        THEN EXCLUDED.event_id ELSE d.event_id END,
+        accepted_at = CASE WHEN d.accepted_at < EXCLUDED.accepted_at - $9
+                           THEN EXCLUDED.accepted_at ELSE d.accepted_at END
+    RETURNING d.key, d.event_id
+), fresh AS (
+    INSERT INTO events (id, received_at, envelope, raw_body, content_type)
+    SELECT i.id, i.received_at, i.envelope, i.raw_body, i.content_type
+    FROM input i JOIN keyed k ON k.key = i.key AND k.event_id = i.id
+    RETURNING id, received_at
+), queued AS (
+    INSERT INTO jobs (event_id, target, created_at, next_at)
+    SELECT f.id, t.target, f.received_at, f.received_at
+    FROM unnest($7::text[], $8::text[]) AS t(event_id, target) JOIN fresh f ON f.id = t.event_id
+    RETURNING 1
+), unrouted AS (
+    INSERT INTO dead_letters (event_id, target, reason, attempts, dead_at)
+    SELECT f.id, $10::text, 'no route', 0, f.received_at FROM fresh f
+    WHERE NOT EXISTS (SELECT 1 FROM unnest($7::text[]) AS t(event_id) WHERE t.event_id = f.id)
+    RETURNING 1
+)
+SELECT key, event_id FROM keyed
+"#;
+
+/// Leases due jobs of one target; instances skip each other's locked rows.
+const CLAIM_SQL: &str = r#"
+WITH due AS (
+    SELECT id FROM jobs WHERE target = $1 AND next_at <= $2
+    ORDER BY next_at, id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE jobs j SET next_at = $3, lease_until = $3 FROM due WHERE j.id = due.id
+    RETURNING j.id, j.event_id, j.attempts, j.created_at
+)
+SELECT l.id, l.event_id, l.attempts, l.created_at, e.envelope, e.raw_body, e.content_type
+FROM leased l JOIN events e ON e.id = l.event_id
+ORDER BY l.id
+"#;
+
+/// Locks the events of the jobs being finished (in id order, the same in every
+/// transaction), so deciding whether an event is still needed is serialised.
+const LOCK_EVENTS_SQL: &str = "SELECT id FROM events WHERE id IN \
+     (SELECT event_id FROM jobs WHERE id = ANY($1::bigint[])) ORDER BY id FOR UPDATE";
+const RETRY_SQL: &str = r#"
+UPDATE jobs SET attempts = jobs.attempts + 1, next_at = u.next_at, lease_until = 0,
+    last_status = u.status, last_error = u.error
+FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::text[]) AS u(id, next_at, status, error)
+WHERE jobs.id = u.id
+"#;
+const DEAD_SQL: &str = r#"
+INSERT INTO dead_letters (event_id, target, reason, attempts, last_status, last_error, dead_at)
+SELECT j.event_id, j.target, u.reason, j.attempts + 1, u.status, u.error, $5
+FROM unnest($1::bigint[], $2::text[], $3::integer[], $4::text[]) AS u(id, reason, status, error)
+JOIN jobs j ON j.id = u.id
+ORDER BY u.id
+"#;
+const DELETE_JOBS_SQL: &str = "DELETE FROM jobs WHERE id = ANY($1::bigint[])";
+const FORGET_EVENTS_SQL: &str = "DELETE FROM events e WHERE e.id = ANY($1::text[]) \
+     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id) \
+     AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.id)";
+const QUARANTINE_SQL: &str = r#"
+INSERT INTO quarantine (body_hash, body, content_type, error, first_seen, last_seen, seen_count)
+VALUES ($1, $2, $3, $4, $5, $5, 1)
+ON CONFLICT (body_hash) DO UPDATE SET last_seen = EXCLUDED.last_seen,
+    seen_count = quarantine.seen_count + 1, error = EXCLUDED.error
+"#;
+const PROBE_SQL: &str = "INSERT INTO heartbeat (id, at) VALUES ($1, $2) \
+     ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at";
+const STATS_SQL: &str = r#"
+SELECT target, SUM(pending)::bigint, SUM(dead)::bigint FROM (
+    SELECT target, COUNT(*) AS pending, 0::bigint AS dead FROM jobs GROUP BY target
+    UNION ALL
+    SELECT target, 0::bigint, COUNT(*) FROM dead_letters GROUP BY target
+) counts GROUP BY target ORDER BY target
+"#;
+const PRUNE_DEDUPE_SQL: &str = "DELETE FROM dedupe WHERE key IN \
+     (SELECT key FROM dedupe WHERE accepted_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
+/// Starts a transaction whose commit does not wait for the WAL flush.
+const BEGIN_BOOKKEEPING: &str = "BEGIN; SET LOCAL synchronous_commit TO OFF";
+/// Starts a transaction whose commit waits for the WAL flush even where the
+/// server's default says otherwise.
+const BEGIN_FLUSHED: &str = "BEGIN; SET LOCAL synchronous_commit TO ON";
+
+/// Options the PostgreSQL store is opened with.
+#[derive(Clone)]
+pub struct PostgresOptions {
+    /// `postgres://user@host:port/dbname?...` (libpq URL or key=value form).
+    pub url: String,
+    /// Overrides any password in the URL.
+    pub password: Option<String>,
+    /// Connections in the pool (two are held by the accept writers).
+    pub pool_size: usize,
+    /// Replaces the lease the dispatcher asks for, when set.
+    pub lease: Option<Duration>,
+    /// A postback seen again within this window is a duplicate.
+    pub dedupe_window: Duration,
+    /// Start the accept writers and the janitor (the daemon); a command-line
+    /// tool beside running relays needs neither.
+    pub background: bool,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("url", &describe_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("lease", &self.lease)
+            .field("dedupe_window", &self.dedupe_window)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a PostgreSQL URL points, without its password: `host:port/dbname`.
+pub fn describe_url(url: &str) -> String {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "(invalid URL)".to_owned();
+    };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            let port = config
+                .get_ports()
+                .get(i)
+                .or(config.get_ports().first())
+                .copied()
+                .unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    format!(
+        "{}/{}",
+        hosts.join(","),
+        config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or("postgres")
+    )
+}
+
+/// The PostgreSQL implementation of [`Store`].
+pub struct PostgresStore {
+    /// The pool and flags the background tasks use too.
+    shared: Arc<Shared>,
+    /// Postbacks on their way to the accept writers.
+    accepts: mpsc::Sender<Accept>,
+    /// Tells the writers to answer what is queued and stop, and the janitor
+    /// to stop.
+    closing: CancellationToken,
+    /// The writers and the janitor, awaited at close.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// What the writers, the janitor and the trait methods share.
+struct Shared {
+    /// Connections to the server (the accept writers hold one each).
+    pool: Pool,
+    /// Whether the last write succeeded; drives `/readyz`.
+    ready: AtomicBool,
+    /// `store.lease`: replaces the lease the dispatchers ask for.
+    lease: Option<Duration>,
+    /// `ingest.dedupe_window`, in milliseconds.
+    dedupe_window_ms: i64,
+    /// This instance's row in `heartbeat`.
+    instance: String,
+    /// The server does not flush commits by default (`synchronous_commit =
+    /// off`): what is acknowledged asks for it itself.
+    force_flush: AtomicBool,
+}
+
+/// One postback waiting for a writer, with the channel its caller waits on.
+struct Accept {
+    /// What to commit.
+    postback: NewPostback,
+    /// Answered after the commit (or its failure).
+    reply: oneshot::Sender<Result<Acceptance, StoreError>>,
+}
+
+/// Why a write failed, and whether its items may succeed one by one.
+struct Failure {
+    /// What the callers are told.
+    error: StoreError,
+    /// The server refused the statement for something in its data (a
+    /// constraint, a deadlock): worth retrying each item on its own.
+    per_item: bool,
+}
+
+impl PostgresStore {
+    /// Connects, creates or migrates the schema (serialised between instances
+    /// by an advisory lock) and starts the writers.
+    pub async fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        let mut config: tokio_postgres::Config = options
+            .url
+            .parse()
+            .map_err(|err| StoreError::Database(format!("invalid PostgreSQL URL: {err}")))?;
+        if let Some(password) = &options.password {
+            config.password(password.as_bytes());
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("postback-relay");
+        }
+        // Notice a server that vanished without closing the connection.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        config.tcp_user_timeout(Duration::from_secs(30));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|err| StoreError::Database(format!("cannot create the pool: {err}")))?;
+        let shared = Arc::new(Shared {
+            pool,
+            ready: AtomicBool::new(true),
+            lease: options.lease,
+            dedupe_window_ms: options.dedupe_window.as_millis() as i64,
+            instance: instance_name(),
+            force_flush: AtomicBool::new(false),
+        });
+        let version = shared.migrate().await?;
+        if shared.force_flush.load(Ordering::Relaxed) {
+            tracing::warn!(
+                "the server has synchronous_commit = off: postbacks are committed with it on \
+                 (a 200 must survive a crash of the database)"
+            );
+        }
+        tracing::info!(
+            database = %describe_url(&options.url), schema_version = version,
+            pool_size = options.pool_size, "PostgreSQL store ready"
+        );
+        let (accepts, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let closing = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        let writers = if options.background {
+            ACCEPT_WRITERS
+        } else {
+            1
+        };
+        for _ in 0..writers {
+            tasks.push(tokio::spawn(
+                shared.clone().run_writer(receiver.clone(), closing.clone()),
+            ));
+        }
+        if options.background {
+            tasks.push(tokio::spawn(shared.clone().run_janitor(closing.clone())));
+        }
+        Ok(PostgresStore {
+            shared,
+            accepts,
+            closing,
+            tasks: Mutex::new(tasks),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.accepts
+            .send(Accept { postback, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        shared
+            .with_client(true, async |client: &Object| {
+                let statement = client.prepare_cached(QUARANTINE_SQL).await?;
+                let content_type = entry.content_type.as_deref().map(clean);
+                let error = clean(&entry.error);
+                in_transaction(
+                    client,
+                    shared.durable_begin(),
+                    client.execute(
+                        &statement,
+                        &[
+                            &entry.body_hash,
+                            &&entry.body[..],
+                            &content_type,
+                            &error,
+                            &entry.received_at_ms,
+                        ],
+                    ),
+                )
+                .await
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn list_quarantine(&self) -> Result<Vec<QuarantinedBody>, StoreError> {
+        self.shared
+            .with_client(false, async |client: &Object| {
+                let rows = client
+                    .query(
+                        "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count
+                         FROM quarantine ORDER BY first_seen, body_hash",
+                        &[],
+                    )
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| QuarantinedBody {
+                        body_hash: row.get(0),
+                        body: Bytes::from(row.get::<_, Vec<u8>>(1)),
+                        content_type: row.get(2),
+                        error: row.get(3),
+                        first_seen_ms: row.get(4),
+                        last_seen_ms: row.get(5),
+                        seen_count: row.get::<_, i64>(6).max(0) as u64,
+                    })
+                    .collect())
+            })
+            .await
+    }
+
+    async fn remove_quarantined(&self, body_hash: &str) -> Result<bool, StoreError> {
+        self.shared
+            .with_client(true, async |client: &Object| {
+                let statement = client
+                    .prepare_cached("DELETE FROM quarantine WHERE body_hash = $1")
+                    .await?;
+                in_transaction(
+                    client,
+                    self.shared.durable_begin(),
+                    client.execute(&statement, &[&body_hash]),
+                )
+                .await
+                .map(|deleted| deleted > 0)
+            })
+            .await
+    }
+
+    async fn claim(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError> {
+        let lease = self.shared.lease.unwrap_or(lease);
+        let now = now_ms();
+        let lease_until = now + lease.as_millis() as i64;
+        let limit = limit as i64;
+        let jobs = self
+            .shared
+            .with_client(false, async |client: &Object| {
+                let statement = client.prepare_cached(CLAIM_SQL).await?;
+                let rows = in_transaction(
+                    client,
+                    BEGIN_BOOKKEEPING,
+                    client.query(&statement, &[&target, &now, &lease_until, &limit]),
+                )
+                .await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| Job {
+                        id: row.get(0),
+                        event_id: row.get(1),
+                        target: target.to_owned(),
+                        attempts: row.get::<_, i32>(2).max(0) as u32,
+                        created_at_ms: row.get(3),
+                        envelope: Bytes::from(row.get::<_, Vec<u8>>(4)),
+                        raw_body: Bytes::from(row.get::<_, Vec<u8>>(5)),
+                        content_type: row.get(6),
+                    })
+                    .collect::<Vec<Job>>())
+            })
+            .await?;
+        if !jobs.is_empty() {
+            // Rows were written: the store can commit.
+            self.shared.ready.store(true, Ordering::Relaxed);
+        }
+        Ok(jobs)
+    }
+
+    async fn complete(&self, outcomes: Vec<(JobId, Outcome)>) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let batch = OutcomeBatch::new(&outcomes);
+        match self.shared.write_outcomes(&batch).await {
+            Err(failure) if failure.per_item && outcomes.len() > 1 => {
+                // Something in the batch upset the server: write them one by
+                // one so that only the culprit fails.
+                let mut first_error = None;
+                for single in outcomes.chunks(1) {
+                    if let Err(failure) =
+                        self.shared.write_outcomes(&OutcomeBatch::new(single)).await
+                    {
+                        first_error.get_or_insert(failure.error);
+                    }
+                }
+                first_error.map_or(Ok(()), Err)
+            }
+            result => result.map_err(|failure| failure.error),
+        }
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        shared
+            .with_client(true, async |client: &Object| {
+                let statement = client.prepare_cached(PROBE_SQL).await?;
+                in_transaction(
+                    client,
+                    shared.durable_begin(),
+                    client.execute(&statement, &[&shared.instance, &now_ms()]),
+                )
+                .await
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn stats(&self) -> Result<Vec<TargetStats>, StoreError> {
+        self.shared
+            .with_client(false, async |client: &Object| {
+                let statement = client.prepare_cached(STATS_SQL).await?;
+                let rows = client.query(&statement, &[]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| TargetStats {
+                        target: row.get(0),
+                        pending: row.get::<_, i64>(1).max(0) as u64,
+                        dead: row.get::<_, i64>(2).max(0) as u64,
+                    })
+                    .collect())
+            })
+            .await
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Relaxed)
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        // Writers answer everything already queued, then stop.
+        self.closing.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.shared.pool.close();
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Creates or migrates the schema. Instances starting at once take turns
+    /// on an advisory lock held until each one's transaction ends.
+    async fn migrate(&self) -> Result<usize, StoreError> {
+        let mut client = self.pool.get().await.map_err(|err| pool_error(&err))?;
+        let work = async {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version    INTEGER PRIMARY KEY,
+                     applied_at BIGINT NOT NULL
+                 )",
+            )
+            .await?;
+            let current: i32 = tx
+                .query_one(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let current = current.max(0) as usize;
+            if current > MIGRATIONS.len() {
+                return Ok(Err(StoreError::Database(format!(
+                    "the database schema is at version {current}, newer than this relay knows \
+                     ({}): run a newer relay",
+                    MIGRATIONS.len()
+                ))));
+            }
+            for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+                tx.batch_execute(sql).await?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                    &[&(index as i32 + 1), &now_ms()],
+                )
+                .await?;
+                tracing::info!(version = index + 1, "PostgreSQL schema migrated");
+            }
+            tx.commit().await?;
+            let synchronous_commit: String = client
+                .query_one("SHOW synchronous_commit", &[])
+                .await?
+                .get(0);
+            self.force_flush
+                .store(synchronous_commit == "off", Ordering::Relaxed);
+            Ok::<_, tokio_postgres::Error>(Ok(MIGRATIONS.len()))
+        };
+        match tokio::time::timeout(Duration::from_secs(60), work).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(err)) => Err(StoreError::Database(format!(
+                "migrating the schema: {}",
+                describe(&err)
+            ))),
+            Err(_) => Err(StoreError::Database(
+                "migrating the schema took over 60 s (another instance holding the migration lock?)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Runs `work` on a pooled connection within [`OP_TIMEOUT`], keeping the
+    /// ready flag: a connection that fails or times out marks the store
+    /// unready, and a successful `write` marks it ready.
+    async fn with_client<T>(
+        &self,
+        write: bool,
+        work: impl AsyncFnOnce(&Object) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
+        self.run(write, work).await.map_err(|failure| failure.error)
+    }
+
+    /// [`Shared::with_client`], telling whether the items might succeed alone.
+    async fn run<T>(
+        &self,
+        write: bool,
+        work: impl AsyncFnOnce(&Object) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, Failure> {
+        // The pool bounds its own waits (connect, free slot).
+        let outcome = match self.pool.get().await {
+            Err(err) => Err(Failure {
+                error: pool_error(&err),
+                per_item: false,
+            }),
+            Ok(client) => match tokio::time::timeout(OP_TIMEOUT, work(&client)).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(err)) => {
+                    let per_item = is_data_error(&err);
+                    if !per_item {
+                        // A broken connection is not handed out again.
+                        drop(Object::take(client));
+                    }
+                    Err(Failure {
+                        error: StoreError::Database(describe(&err)),
+                        per_item,
+                    })
+                }
+                Err(_) => {
+                    // Mid-transaction or hung: never handed out again.
+                    drop(Object::take(client));
+                    Err(Failure {
+                        error: timed_out(),
+                        per_item: false,
+                    })
+                }
+            },
+        };
+        match &outcome {
+            Ok(_) if write => self.ready.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(failure) if write || !failure.per_item => self.not_ready(&failure.error),
+            Err(_) => {}
+        }
+        outcome
+    }
+
+    /// `BEGIN` for what is acknowledged: flushed at commit.
+    fn durable_begin(&self) -> &'static str {
+        if self.force_flush.load(Ordering::Relaxed) {
+            BEGIN_FLUSHED
+        } else {
+            "BEGIN"
+        }
+    }
+
+    fn not_ready(&self, error: &StoreError) {
+        if self.ready.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %error, "PostgreSQL store failed; answering 503 until a write succeeds");
+        }
+    }
+
+    /// Writes one batch of outcomes in one transaction.
+    async fn write_outcomes(&self, batch: &OutcomeBatch) -> Result<(), Failure> {
+        self.run(true, async |client: &Object| batch.write(client).await)
+            .await
+    }
+
+    /// One accept writer: takes every postback waiting, commits them in one
+    /// transaction, answers. Stops after answering what was queued at close.
+    async fn run_writer(
+        self: Arc<Self>,
+        receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Accept>>>,
+        closing: CancellationToken,
+    ) {
+        let mut connection: Option<Object> = None;
+        loop {
+            let batch = {
+                let mut receiver = receiver.lock().await;
+                let first = tokio::select! {
+                    biased;
+                    first = receiver.recv() => first,
+                    () = closing.cancelled() => {
+                        receiver.close();
+                        receiver.recv().await
+                    }
+                };
+                let Some(first) = first else { break };
+                let mut batch = Vec::with_capacity(16);
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match receiver.try_recv() {
+                        Ok(accept) => batch.push(accept),
+                        Err(_) => break,
+                    }
+                }
+                batch
+            };
+            self.accept_batch(&mut connection, batch).await;
+        }
+    }
+
+    /// Commits a batch and answers each caller after the commit.
+    async fn accept_batch(&self, connection: &mut Option<Object>, batch: Vec<Accept>) {
+        // Copies of one key in one batch: the first one goes to the
+        // database, the others are its duplicates.
+        let mut leaders: Vec<(String, &NewPostback)> = Vec::with_capacity(batch.len());
+        let mut seen: HashSet<String> = HashSet::with_capacity(batch.len());
+        for accept in &batch {
+            let key = storable_key(&accept.postback.dedupe_key);
+            if seen.insert(key.clone()) {
+                leaders.push((key, &accept.postback));
+            }
+        }
+        let owners = match self.write_accepts(connection, &leaders).await {
+            Err(failure) if failure.per_item && leaders.len() > 1 => {
+                // Retry one by one, so that only the postback the server
+                // refuses is refused.
+                let mut owners = HashMap::new();
+                let mut errors = HashMap::new();
+                for leader in &leaders {
+                    match self
+                        .write_accepts(connection, std::slice::from_ref(leader))
+                        .await
+                    {
+                        Ok(owner) => owners.extend(owner),
+                        Err(failure) => {
+                            errors.insert(leader.0.clone(), failure.error);
+                        }
+                    }
+                }
+                Ok((owners, errors))
+            }
+            Err(failure) => Err(failure.error),
+            Ok(owners) => Ok((owners, HashMap::new())),
+        };
+        match &owners {
+            Ok((owners, _)) if !owners.is_empty() => self.ready.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(error) => self.not_ready(error),
+        }
+        for Accept { postback, reply } in batch {
+            let key = storable_key(&postback.dedupe_key);
+            let answer = match &owners {
+                Err(error) => Err(error.clone()),
+                Ok((owners, errors)) => match (owners.get(&key), errors.get(&key)) {
+                    (Some(owner), _) if *owner == postback.id => Ok(Acceptance::Accepted),
+                    (Some(owner), _) => Ok(Acceptance::Duplicate {
+                        original_id: owner.clone(),
+                    }),
+                    (None, Some(error)) => Err(error.clone()),
+                    (None, None) => Err(StoreError::Database(
+                        "the dedupe key was not returned by the commit".into(),
+                    )),
+                },
+            };
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// One transaction for `items` (distinct keys): returns who owns each key.
+    /// The writer keeps its connection between batches while it works.
+    async fn write_accepts(
+        &self,
+        connection: &mut Option<Object>,
+        items: &[(String, &NewPostback)],
+    ) -> Result<HashMap<String, String>, Failure> {
+        if connection.as_ref().is_some_and(|c| c.is_closed()) {
+            *connection = None;
+        }
+        if connection.is_none() {
+            *connection = Some(self.pool.get().await.map_err(|err| Failure {
+                error: pool_error(&err),
+                per_item: false,
+            })?);
+        }
+        let client = connection.as_ref().expect("connected above");
+        let outcome = tokio::time::timeout(
+            OP_TIMEOUT,
+            accept_statement(client, self.durable_begin(), items, self.dedupe_window_ms),
+        )
+        .await;
+        let outcome = match outcome {
+            Ok(Ok(owners)) => Ok(owners),
+            Ok(Err(err)) => Err(Failure {
+                per_item: is_data_error(&err),
+                error: StoreError::Database(describe(&err)),
+            }),
+            Err(_) => Err(Failure {
+                error: timed_out(),
+                per_item: false,
+            }),
+        };
+        if let Err(failure) = &outcome {
+            if !failure.per_item {
+                // Broken, or in an unknown state after a timeout: never reuse.
+                if let Some(client) = connection.take() {
+                    drop(Object::take(client));
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Deletes expired dedupe keys and old heartbeats now and then.
+    async fn run_janitor(self: Arc<Self>, closing: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(JANITOR_EVERY) => {},
+                () = closing.cancelled() => return,
+            }
+            let before = now_ms() - self.dedupe_window_ms;
+            let mut total = 0;
+            // A bounded number of bounded deletes, so a large backlog of
+            // expired keys never holds locks for long.
+            for _ in 0..DEDUPE_PRUNE_ROUNDS {
+                let result = self
+                    .with_client(false, async |client: &Object| {
+                        client
+                            .execute(PRUNE_DEDUPE_SQL, &[&before, &DEDUPE_PRUNE_LIMIT])
+                            .await
+                    })
+                    .await;
+                match result {
+                    Ok(pruned) => {
+                        total += pruned;
+                        if pruned < DEDUPE_PRUNE_LIMIT as u64 || closing.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not prune expired dedupe keys");
+                        break;
+                    }
+                }
+            }
+            if total > 0 {
+                tracing::debug!(pruned = total, "expired dedupe keys deleted");
+            }
+            let stale = now_ms() - HEARTBEAT_KEEP_MS;
+            let _ = self
+                .with_client(false, async |client: &Object| {
+                    client
+                        .execute("DELETE FROM heartbeat WHERE at < $1", &[&stale])
+                        .await
+                })
+                .await;
+        }
+    }
+}
+
+/// Runs the accept statement for `items` in one pipelined transaction.
+async fn accept_statement(
+    client: &Object,
+    begin: &str,
+    items: &[(String, &NewPostback)],
+    window_ms: i64,
+) -> Result<HashMap<String, String>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(ACCEPT_SQL).await?;
+    let count = items.len();
+    let mut keys: Vec<&str> = Vec::with_capacity(count);
+    let mut ids: Vec<&str> = Vec::with_capacity(count);
+    let mut received: Vec<i64> = Vec::with_capacity(count);
+    let mut envelopes: Vec<&[u8]> = Vec::with_capacity(count);
+    let mut raw_bodies: Vec<&[u8]> = Vec::with_capacity(count);
+    let mut content_types: Vec<Option<String>> = Vec::with_capacity(count);
+    let mut job_events: Vec<&str> = Vec::new();
+    let mut job_targets: Vec<&str> = Vec::new();
+    for (key, postback) in items {
+        keys.push(key);
+        ids.push(&postback.id);
+        received.push(postback.received_at_ms);
+        envelopes.push(&postback.envelope[..]);
+        raw_bodies.push(&postback.raw_body[..]);
+        content_types.push(postback.content_type.as_deref().map(clean));
+        for target in &postback.targets {
+            job_events.push(&postback.id);
+            job_targets.push(target);
+        }
+    }
+    let params: [&(dyn ToSql + Sync); 10] = [
+        &keys,
+        &ids,
+        &received,
+        &envelopes,
+        &raw_bodies,
+        &content_types,
+        &job_events,
+        &job_targets,
+        &window_ms,
+        &NO_ROUTE_TARGET,
+    ];
+    let rows = in_transaction(client, begin, client.query(&statement, &params)).await?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+        .collect())
+}
+
+/// Sends `begin`, the statement and `COMMIT` at once (pipelined: one round
+/// trip) and returns the statement's result once `COMMIT` has returned. If the
+/// statement fails, the server turns the `COMMIT` into a rollback.
+///
+/// `work` must send its one request when first polled, as every
+/// `tokio_postgres` query does with an already prepared statement.
+async fn in_transaction<T>(
+    client: &Object,
+    begin: &str,
+    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    let (begun, result, committed) = join3(
+        client.batch_execute(begin),
+        work,
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    begun?;
+    let value = result?;
+    committed?;
+    Ok(value)
+}
+
+/// The outcomes of one batch, sorted into the arrays the statements take.
+struct OutcomeBatch {
+    /// Jobs to delete: delivered, and dead after their dead letter is written.
+    finished: Vec<i64>,
+    /// Jobs to try again, with when, and the last answer (one array per
+    /// column, for `UNNEST`).
+    retry_ids: Vec<i64>,
+    retry_next: Vec<i64>,
+    retry_status: Vec<Option<i32>>,
+    retry_error: Vec<String>,
+    /// Jobs given up, with why and the last answer.
+    dead_ids: Vec<i64>,
+    dead_reason: Vec<String>,
+    dead_status: Vec<Option<i32>>,
+    dead_error: Vec<String>,
+}
+
+impl OutcomeBatch {
+    fn new(outcomes: &[(JobId, Outcome)]) -> OutcomeBatch {
+        let mut batch = OutcomeBatch {
+            finished: Vec::new(),
+            retry_ids: Vec::new(),
+            retry_next: Vec::new(),
+            retry_status: Vec::new(),
+            retry_error: Vec::new(),
+            dead_ids: Vec::new(),
+            dead_reason: Vec::new(),
+            dead_status: Vec::new(),
+            dead_error: Vec::new(),
+        };
+        for (job, outcome) in outcomes {
+            match outcome {
+                Outcome::Delivered => batch.finished.push(*job),
+                Outcome::Retry {
+                    next_at_ms,
+                    status,
+                    error,
+                } => {
+                    batch.retry_ids.push(*job);
+                    batch.retry_next.push(*next_at_ms);
+                    batch.retry_status.push(status.map(i32::from));
+                    batch.retry_error.push(clean(error));
+                }
+                Outcome::Dead {
+                    reason,
+                    status,
+                    error,
+                } => {
+                    batch.finished.push(*job);
+                    batch.dead_ids.push(*job);
+                    batch.dead_reason.push(clean(reason));
+                    batch.dead_status.push(status.map(i32::from));
+                    batch.dead_error.push(clean(error));
+                }
+            }
+        }
+        batch
+    }
+
+    /// Two round trips when jobs finish (lock their events, then write and
+    /// commit), one when they are only rescheduled.
+    async fn write(&self, client: &Object) -> Result<(), tokio_postgres::Error> {
+        let (retry, dead, delete, lock, forget) = futures_util::try_join!(
+            client.prepare_cached(RETRY_SQL),
+            client.prepare_cached(DEAD_SQL),
+            client.prepare_cached(DELETE_JOBS_SQL),
+            client.prepare_cached(LOCK_EVENTS_SQL),
+            client.prepare_cached(FORGET_EVENTS_SQL),
+        )?;
+        let now = now_ms();
+        let events: Vec<String> = if self.finished.is_empty() {
+            Vec::new()
+        } else {
+            let (begun, locked) = futures_util::future::join(
+                client.batch_execute(BEGIN_BOOKKEEPING),
+                client.query(&lock, &[&self.finished]),
+            )
+            .await;
+            begun?;
+            match locked {
+                Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
+                Err(err) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(err);
+                }
+            }
+        };
+        let retry_params: [&(dyn ToSql + Sync); 4] = [
+            &self.retry_ids,
+            &self.retry_next,
+            &self.retry_status,
+            &self.retry_error,
+        ];
+        let dead_params: [&(dyn ToSql + Sync); 5] = [
+            &self.dead_ids,
+            &self.dead_reason,
+            &self.dead_status,
+            &self.dead_error,
+            &now,
+        ];
+        let finished_params: [&(dyn ToSql + Sync); 1] = [&self.finished];
+        let events_params: [&(dyn ToSql + Sync); 1] = [&events];
+        let mut steps: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
+        if self.finished.is_empty() {
+            let begin = client.batch_execute(BEGIN_BOOKKEEPING);
+            steps.push(begin.map(|r| r.map(|()| 0)).boxed());
+        }
+        if !self.retry_ids.is_empty() {
+            steps.push(client.execute(&retry, &retry_params).boxed());
+        }
+        if !self.dead_ids.is_empty() {
+            steps.push(client.execute(&dead, &dead_params).boxed());
+        }
+        if !self.finished.is_empty() {
+            steps.push(client.execute(&delete, &finished_params).boxed());
+        }
+        if !events.is_empty() {
+            steps.push(client.execute(&forget, &events_params).boxed());
+        }
+        let commit = client.batch_execute("COMMIT");
+        steps.push(commit.map(|r| r.map(|()| 0)).boxed());
+        // join_all polls in order, so the statements go out in this order,
+        // all at once; the server runs them one after the other, and turns the
+        // COMMIT into a rollback if one of them failed.
+        for result in join_all(steps).await {
+            result?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the server refused the statement for its data (worth retrying the
+/// items one by one) rather than because it cannot be reached or written.
+fn is_data_error(err: &tokio_postgres::Error) -> bool {
+    let Some(code) = err.code() else {
+        return false;
+    };
+    if *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE {
+        return true;
+    }
+    // 21 cardinality violation, 22 data exception, 23 integrity constraint.
+    matches!(&code.code()[..2], "21" | "22" | "23")
+}
+
+/// The message and SQLSTATE of a server error, or the whole cause chain of a
+/// connection error (tokio_postgres's own message is terse).
+fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return format!(
+            "PostgreSQL: {} (SQLSTATE {})",
+            db.message(),
+            db.code().code()
+        );
+    }
+    let mut message = format!("PostgreSQL: {err}");
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
+}
+
+/// A pool that could not hand out a connection (cannot connect, all busy).
+fn pool_error(err: &deadpool_postgres::PoolError) -> StoreError {
+    match err {
+        deadpool_postgres::PoolError::Backend(err) => StoreError::Database(describe(err)),
+        other => StoreError::Database(format!("PostgreSQL pool: {other}")),
+    }
+}
+
+fn timed_out() -> StoreError {
+    StoreError::Database(format!(
+        "PostgreSQL did not answer within {}s",
+        OP_TIMEOUT.as_secs()
+    ))
+}
+
+/// PostgreSQL text cannot hold NUL characters; informational text (errors,
+/// Content-Types) keeps a replacement character in their place.
+fn clean(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+/// Dedupe keys are compared, never shown: a key with a NUL character (a JSON
+/// tracking id may carry `\u0000`) is stored as its hash. No other key looks
+/// like that: tracking-id keys contain `|` and body keys start `sha256:`.
+fn storable_key(key: &str) -> String {
+    if key.contains('\0') {
+        format!("nul-sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+    } else {
+        key.to_owned()
+    }
+}
+
+/// This instance's name in `heartbeat`: host and process id.
+fn instance_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_with_nul_are_hashed_and_cannot_collide_with_real_keys() {
+        assert_eq!(storable_key("MMS_MO|N401|abc"), "MMS_MO|N401|abc");
+        let hashed = storable_key("MMS_MO|N401|a\0b");
+        assert!(hashed.starts_with("nul-sha256:"), "{hashed}");
+        assert!(!hashed.contains('|') && !hashed.contains('\0'));
+        assert_ne!(hashed, storable_key("MMS_MO|N401|a\0c"));
+    }
+
+    #[test]
+    fn urls_are_described_without_their_password() {
+        assert_eq!(
+            describe_url("postgres://relay:s3cret@db.internal:6432/relay?sslmode=disable"),
+            "db.internal:6432/relay"
+        );
+        assert_eq!(
+            describe_url("postgres://postgres@127.0.0.1/postgres"),
+            "127.0.0.1:5432/postgres"
+        );
+        assert_eq!(
+            describe_url("host=a,b port=5432 dbname=relay user=x password=y"),
+            "a:5432,b:5432/relay"
+        );
+        assert_eq!(describe_url("nonsense://"), "(invalid URL)");
+    }
+
+    #[test]
+    fn nul_characters_are_replaced_in_text() {
+        assert_eq!(clean("a\0b"), "a\u{FFFD}b");
+        assert_eq!(clean("plain"), "plain");
+    }
+}

@@ -1,0 +1,738 @@
+//! Several relay instances sharing one PostgreSQL database, always against a
+//! real server: three processes with one SIGKILLed under load, a PostgreSQL
+//! server stopped and started under load, one postback sent to two instances
+//! at once, and the store itself (concurrent migrations, leases).
+//!
+//! Each test makes its own database on `RELAY_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and drops it at the end; the
+//! restart test runs its own throwaway cluster (initdb and pg_ctl, as the
+//! `postgres` OS user when run as root) on a random port.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::pg::{Cluster, TestDatabase};
+use common::process::*;
+use common::*;
+use postback_relay::store::{
+    now_ms, Acceptance, NewPostback, Outcome, PostgresOptions, PostgresStore, Store,
+};
+
+/// Quick retries, enough attempts that nothing is given up during a test, and
+/// a delivery timeout well inside the lease.
+const DELIVERY: &str =
+    "delivery:\n  backoff: {initial: 50ms, max: 200ms}\n  max_attempts: 1000\n  timeout: 2s\n";
+
+/// Config for one instance on database `url`: ephemeral ports, `store_extra`
+/// under `store:`, then `rest`.
+fn instance_config(url: &str, store_extra: &str, rest: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstore:\n  backend: postgres\n  url: \"{url}\"\n{store_extra}{rest}\n"
+    )
+}
+
+/// Writes `yaml` to `dir/name` and returns the path.
+fn write(dir: &std::path::Path, name: &str, yaml: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).expect("write config");
+    path
+}
+
+/// Starts the processes at once (their migrations race for the lock).
+async fn spawn_all(configs: &[std::path::PathBuf]) -> Vec<RelayProcess> {
+    let starts: Vec<_> = configs
+        .iter()
+        .map(|config| {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || RelayProcess::start(&config))
+        })
+        .collect();
+    let mut relays = Vec::new();
+    for start in starts {
+        relays.push(start.await.expect("start task"));
+    }
+    relays
+}
+
+/// Tracking id → deliveries, and the instance (`x-instance` header) and
+/// arrival of each delivery.
+fn deliveries(sink: &Sink) -> BTreeMap<String, Vec<(String, Instant)>> {
+    let mut by_id: BTreeMap<String, Vec<(String, Instant)>> = BTreeMap::new();
+    for request in sink.received() {
+        let tracking_id = request.json()["data"]["tracking_id"]
+            .as_str()
+            .expect("tracking id")
+            .to_owned();
+        let instance = request.header("x-instance").unwrap_or("?").to_owned();
+        by_id
+            .entry(tracking_id)
+            .or_default()
+            .push((instance, request.at));
+    }
+    by_id
+}
+
+fn counts(deliveries: &BTreeMap<String, Vec<(String, Instant)>>) -> BTreeMap<String, usize> {
+    deliveries
+        .iter()
+        .map(|(id, attempts)| (id.clone(), attempts.len()))
+        .collect()
+}
+
+fn duplicates(counts: &BTreeMap<String, usize>) -> usize {
+    counts.values().map(|n| n - 1).sum()
+}
+
+async fn readyz(admin: std::net::SocketAddr) -> u16 {
+    let client = http_client();
+    let request = hyper::Request::get(format!("http://{admin}/readyz"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
+        Ok(Ok(response)) => response.status().as_u16(),
+        _ => 0,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Three instances, one killed
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_the_load_and_a_killed_one_loses_nothing() {
+    bounded(Duration::from_secs(150), "the three-instance test", async {
+        const LEASE: Duration = Duration::from_secs(4);
+        // The archive answers slowly, so every instance has attempts in
+        // flight when one of them is killed.
+        const ARCHIVE_DELAY: Duration = Duration::from_millis(250);
+        let db = TestDatabase::create();
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Sink::start().await;
+        let archive = Sink::start().await;
+        archive.respond(|_, _| Reply {
+            status: 200,
+            headers: Vec::new(),
+            delay: ARCHIVE_DELAY,
+        });
+        let configs: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|name| {
+                let rest = format!(
+                    "{DELIVERY}targets:\n  inbox: {{url: \"{}\", headers: {{x-instance: {name}}}}}\n  \
+                     archive: {{url: \"{}\", headers: {{x-instance: {name}}}, concurrency: 16}}\n\
+                     routes:\n  - targets: [inbox, archive]\n",
+                    inbox.url("/inbox"),
+                    archive.url("/archive")
+                );
+                let yaml = instance_config(&db.url, &format!("  lease: {}s\n", LEASE.as_secs()), &rest);
+                write(dir.path(), &format!("relay-{name}.yaml"), &yaml)
+            })
+            .collect();
+        let mut relays = spawn_all(&configs).await;
+        assert_eq!(
+            db.query("SELECT COUNT(*) FROM schema_migrations")[0][0],
+            rusqlite::types::Value::Integer(1),
+            "three instances starting at once migrate once"
+        );
+
+        // Load on all three, each sender serially on its own connection.
+        let loads: Vec<Load> = relays
+            .iter()
+            .enumerate()
+            .map(|(i, relay)| {
+                let on_fault = if i == 1 { OnFault::Resend } else { OnFault::Stop };
+                Load::start(&relay.url, &format!("i{i}"), 2, on_fault)
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        // Kill B mid-run; its senders go on to A (the load balancer's job),
+        // resending what B never answered.
+        loads[1].expect_faults();
+        let killed_at = Instant::now();
+        tokio::task::block_in_place(|| relays[1].kill());
+        loads[1].follow(&relays[0].url);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        let mut acknowledged = BTreeMap::new();
+        let mut duplicate_answers = 0;
+        let mut cut_off = 0;
+        for (i, load) in loads.into_iter().enumerate() {
+            let sent = load.finish().await;
+            assert!(sent.unexpected.is_empty(), "instance {i}: {:?}", sent.unexpected);
+            assert!(!sent.acknowledged.is_empty(), "instance {i} acknowledged nothing");
+            duplicate_answers += sent.duplicate_answers;
+            cut_off += sent.cut_off;
+            println!(
+                "load on instance {i}: {} acknowledged, {} cut off by the kill, {} answered duplicate",
+                sent.acknowledged.len(),
+                sent.cut_off,
+                sent.duplicate_answers
+            );
+            acknowledged.extend(sent.acknowledged);
+        }
+
+        wait_for_all(&inbox, &acknowledged, Duration::from_secs(90)).await;
+        wait_for_all(&archive, &acknowledged, Duration::from_secs(90)).await;
+        eventually(Duration::from_secs(30), "every job finished", || {
+            let pending = db.query("SELECT COUNT(*) FROM jobs");
+            async move { (pending[0][0] == rusqlite::types::Value::Integer(0)).then_some(()) }
+        })
+        .await;
+
+        // Counted once every job is finished: repeats of jobs taken over
+        // after their lease are in.
+        let inbox_counts = counts(&deliveries(&inbox));
+        let archive_counts = counts(&deliveries(&archive));
+
+        // Jobs B held when it died were taken over once their lease ran out.
+        let by_id = deliveries(&archive);
+        let mut taken_over = Vec::new();
+        for (tracking_id, attempts) in &by_id {
+            let Some(&(_, at_b)) = attempts.iter().find(|(instance, at)| {
+                instance == "b" && *at + ARCHIVE_DELAY > killed_at && *at <= killed_at
+            }) else {
+                continue;
+            };
+            let later = attempts
+                .iter()
+                .filter(|(instance, at)| instance != "b" && *at > at_b)
+                .map(|(_, at)| at.duration_since(killed_at))
+                .min()
+                .unwrap_or_else(|| {
+                    panic!("{tracking_id}: in flight at B when it was killed, never delivered again")
+                });
+            taken_over.push(later);
+        }
+        assert!(
+            !taken_over.is_empty(),
+            "B had no archive delivery in flight when killed: the test proves nothing"
+        );
+        let earliest = *taken_over.iter().min().unwrap();
+        let latest = *taken_over.iter().max().unwrap();
+        // (Claimed at most ARCHIVE_DELAY before the kill, plus scheduling
+        // slack on a busy machine; a job taken early would go within ms.)
+        assert!(
+            earliest + ARCHIVE_DELAY + Duration::from_secs(1) >= LEASE,
+            "a job leased by the dead instance was taken over after {earliest:?}, before its lease ({LEASE:?}) ended"
+        );
+
+        let served: BTreeMap<String, usize> = ["a", "b", "c"]
+            .iter()
+            .map(|name| {
+                let n = by_id
+                    .values()
+                    .flatten()
+                    .filter(|(instance, _)| instance == name)
+                    .count();
+                (name.to_string(), n)
+            })
+            .collect();
+        println!(
+            "three instances: {} acknowledged, {cut_off} cut off by SIGKILL, {duplicate_answers} resent \
+             and answered duplicate by another instance; inbox {} deliveries ({} duplicates), archive {} \
+             deliveries ({} duplicates); archive attempts by instance {served:?}; {} archive jobs leased by \
+             the killed instance delivered by the others {:.1}-{:.1} s after the kill (lease {}s)",
+            acknowledged.len(),
+            inbox_counts.values().sum::<usize>(),
+            duplicates(&inbox_counts),
+            archive_counts.values().sum::<usize>(),
+            duplicates(&archive_counts),
+            taken_over.len(),
+            earliest.as_secs_f64(),
+            latest.as_secs_f64(),
+            LEASE.as_secs()
+        );
+        assert!(
+            served.values().all(|n| *n > 0),
+            "every instance delivered: {served:?}"
+        );
+        let unrouted = db.query("SELECT COUNT(*) FROM dead_letters");
+        assert_eq!(unrouted[0][0], rusqlite::types::Value::Integer(0));
+        let events = db.query("SELECT COUNT(*) FROM events");
+        assert_eq!(
+            events[0][0],
+            rusqlite::types::Value::Integer(0),
+            "bodies are deleted once delivered everywhere"
+        );
+        for (i, relay) in relays.into_iter().enumerate() {
+            if i == 1 {
+                continue;
+            }
+            let (status, lines) =
+                tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+            assert!(status.success(), "exit {status}:\n{}", lines.join("\n"));
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL stopped and started under load
+// ---------------------------------------------------------------------------
+
+/// What the restart test's senders saw.
+#[derive(Default)]
+struct Books {
+    acknowledged: BTreeMap<String, String>,
+    refused: usize,
+    slowest_refusal: Duration,
+    no_answer: usize,
+    other: Vec<String>,
+}
+
+/// Posts distinct postbacks serially; a 503 (or no answer) is retried with
+/// the same postback, as Sinch does, until stopped.
+async fn patient_sender(
+    url: String,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+    books: Arc<Mutex<Books>>,
+) {
+    let client = http_client();
+    let mut n = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let tracking_id = format!("{prefix}-{n}");
+        let result = try_post(&client, &url, mo_xml(&tracking_id, "hello", "28444")).await;
+        let answered = {
+            let mut books = books.lock().unwrap();
+            match result {
+                Ok(answer) if answer.status == 200 => {
+                    let id = answer.json["id"].as_str().unwrap_or_default().to_owned();
+                    books.acknowledged.insert(tracking_id, id);
+                    true
+                }
+                Ok(answer) if answer.status == 503 => {
+                    books.refused += 1;
+                    books.slowest_refusal = books.slowest_refusal.max(answer.elapsed);
+                    false
+                }
+                Ok(answer) => {
+                    let line = format!("{tracking_id}: {} {}", answer.status, answer.json);
+                    books.other.push(line);
+                    false
+                }
+                Err(no_answer) => {
+                    books.no_answer += 1;
+                    books
+                        .other
+                        .push(format!("{tracking_id}: {}", no_answer.message));
+                    false
+                }
+            }
+        };
+        if answered {
+            n += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_answers_503_meanwhile_and_loses_nothing() {
+    bounded(Duration::from_secs(150), "the restart test", async {
+        let password = "restart-test-secret";
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_with_password(password))
+            .await
+            .unwrap();
+        let cluster = Arc::new(cluster);
+        let db = TestDatabase::create_on(&cluster.admin_url());
+        let dir = tempfile::tempdir().unwrap();
+        // The relays get the password from a file, never from the URL.
+        let password_file = dir.path().join("db-password");
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        let url = common::pg::with_database(&cluster.url(), &db.name);
+        let sink = Sink::start().await;
+        let configs: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|name| {
+                let rest = format!(
+                    "{DELIVERY}targets:\n  inbox: {{url: \"{}\", headers: {{x-instance: {name}}}}}\n\
+                     routes:\n  - targets: [inbox]\n",
+                    sink.url("/inbox")
+                );
+                let store = format!("  password: {{file: {}}}\n", password_file.display());
+                write(dir.path(), &format!("relay-{name}.yaml"), &instance_config(&url, &store, &rest))
+            })
+            .collect();
+        let relays = spawn_all(&configs).await;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let books = Arc::new(Mutex::new(Books::default()));
+        let senders: Vec<_> = relays
+            .iter()
+            .enumerate()
+            .flat_map(|(i, relay)| {
+                (0..2).map({
+                    let (stop, books) = (stop.clone(), books.clone());
+                    let url = relay.url.clone();
+                    move |s| tokio::spawn(patient_sender(url.clone(), format!("r{i}-s{s}"), stop.clone(), books.clone()))
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let before = books.lock().unwrap().acknowledged.len();
+        assert!(before > 0, "nothing acknowledged before the restart");
+
+        // Down: both instances refuse at once and say they are not ready.
+        let stopping = cluster.clone();
+        tokio::task::spawn_blocking(move || stopping.stop()).await.unwrap();
+        let down_at = Instant::now();
+        let refused_before = books.lock().unwrap().refused;
+        eventually(Duration::from_secs(10), "both instances unready while PostgreSQL is down", || {
+            let admins: Vec<_> = relays.iter().map(|r| r.admin).collect();
+            async move {
+                for admin in admins {
+                    if readyz(admin).await != 503 {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+        let acknowledged_when_down = books.lock().unwrap().acknowledged.len();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (refused_while_down, acknowledged_while_down) = {
+            let books = books.lock().unwrap();
+            (
+                books.refused - refused_before,
+                books.acknowledged.len() - acknowledged_when_down,
+            )
+        };
+        assert!(refused_while_down > 0, "no 503 while PostgreSQL was down");
+        assert_eq!(acknowledged_while_down, 0, "a 200 while PostgreSQL was down");
+
+        // Up again: both recover by themselves.
+        let starting = cluster.clone();
+        tokio::task::spawn_blocking(move || starting.start_server()).await.unwrap();
+        let up_at = Instant::now();
+        eventually(Duration::from_secs(20), "both instances ready again", || {
+            let admins: Vec<_> = relays.iter().map(|r| r.admin).collect();
+            async move {
+                for admin in admins {
+                    if readyz(admin).await != 200 {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+        let recovered_in = up_at.elapsed();
+        let after_restart = books.lock().unwrap().acknowledged.len();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        stop.store(true, Ordering::SeqCst);
+        for sender in senders {
+            tokio::time::timeout(Duration::from_secs(20), sender)
+                .await
+                .expect("sender ends")
+                .expect("sender task");
+        }
+        let books = std::mem::take(&mut *books.lock().unwrap());
+        assert!(
+            books.acknowledged.len() > after_restart,
+            "nothing acknowledged after the restart"
+        );
+        assert!(
+            books.slowest_refusal < Duration::from_secs(3),
+            "a 503 took {:?}: a store that is down must fail fast",
+            books.slowest_refusal
+        );
+        let received = wait_for_all(&sink, &books.acknowledged, Duration::from_secs(60)).await;
+        println!(
+            "postgres restart: {} acknowledged ({before} in the first second, none while down, {} \
+             after the restart), {} answered 503 (slowest {:?}), {} without an answer; down {:?}, \
+             both ready again {:?} after the start; {} deliveries, {} duplicates; other answers: {:?}",
+            books.acknowledged.len(),
+            books.acknowledged.len() - after_restart,
+            books.refused,
+            books.slowest_refusal,
+            books.no_answer,
+            up_at.duration_since(down_at),
+            recovered_in,
+            received.values().sum::<usize>(),
+            duplicates(&received),
+            books.other
+        );
+        for relay in relays {
+            let (status, lines) =
+                tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+            assert!(status.success(), "exit {status}:\n{}", lines.join("\n"));
+        }
+        drop(db);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// One postback, two instances, at once
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_sent_to_two_instances_at_once_is_delivered_once() {
+    bounded(Duration::from_secs(90), "the two-instance dedupe test", async {
+        const PAIRS: usize = 60;
+        let db = TestDatabase::create();
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Sink::start().await;
+        let rest = format!(
+            "{DELIVERY}ingest: {{dedupe_window: 2s}}\ntargets:\n  inbox: {{url: \"{}\"}}\n\
+             routes:\n  - targets: [inbox]\n",
+            sink.url("/inbox")
+        );
+        let configs: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|name| write(dir.path(), &format!("relay-{name}.yaml"), &instance_config(&db.url, "", &rest)))
+            .collect();
+        let relays = spawn_all(&configs).await;
+        let (url_a, url_b) = (relays[0].url.clone(), relays[1].url.clone());
+
+        // Each postback to both at the same moment, several at a time.
+        let send_pairs = |round: &'static str| {
+            let (url_a, url_b) = (url_a.clone(), url_b.clone());
+            async move {
+                let tasks: Vec<_> = (0..PAIRS)
+                    .map(|n| {
+                        let (url_a, url_b) = (url_a.clone(), url_b.clone());
+                        tokio::spawn(async move {
+                            let body = mo_xml(&format!("pair-{n}"), "hello", "28444");
+                            let (a, b) = tokio::join!(
+                                post(&url_a, Some("text/xml"), body.clone()),
+                                post(&url_b, Some("text/xml"), body)
+                            );
+                            (n, a, b)
+                        })
+                    })
+                    .collect();
+                let mut ids = BTreeMap::new();
+                for task in tasks {
+                    let (n, (status_a, a), (status_b, b)) = task.await.unwrap();
+                    assert_eq!((status_a, status_b), (200, 200), "{round} pair {n}: {a} {b}");
+                    assert_eq!(a["id"], b["id"], "{round} pair {n}: one id for both: {a} {b}");
+                    let mut statuses = [a["status"].as_str().unwrap(), b["status"].as_str().unwrap()];
+                    statuses.sort();
+                    assert_eq!(statuses, ["accepted", "duplicate"], "{round} pair {n}: {a} {b}");
+                    ids.insert(format!("pair-{n}"), a["id"].as_str().unwrap().to_owned());
+                }
+                ids
+            }
+        };
+        let first = send_pairs("first").await;
+        let received = wait_for_all(&sink, &first, Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let received_first = sink.received_count();
+        assert_eq!(received_first, PAIRS, "each pair delivered once: {received:?}");
+
+        // Once the window has passed, the same postbacks are new again:
+        // accepted once more, exactly once per pair.
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        let second = send_pairs("after the window").await;
+        for (tracking_id, id) in &second {
+            assert_ne!(Some(id), first.get(tracking_id), "{tracking_id}: a new id after the window");
+        }
+        eventually(Duration::from_secs(30), "the second round delivered", || {
+            let count = sink.received_count();
+            async move { (count >= 2 * PAIRS).then_some(()) }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let ids: BTreeSet<String> = sink
+            .received()
+            .iter()
+            .map(|r| r.json()["id"].as_str().unwrap().to_owned())
+            .collect();
+        println!(
+            "two instances, {PAIRS} postbacks each sent to both at once, twice (the second time after \
+             the dedupe window): {} deliveries, {} distinct envelopes, 0 duplicates",
+            sink.received_count(),
+            ids.len()
+        );
+        assert_eq!(sink.received_count(), 2 * PAIRS);
+        assert_eq!(ids.len(), 2 * PAIRS);
+        for relay in relays {
+            let (status, lines) =
+                tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+            assert!(status.success(), "exit {status}:\n{}", lines.join("\n"));
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// The store itself
+// ---------------------------------------------------------------------------
+
+fn options(url: &str) -> PostgresOptions {
+    PostgresOptions {
+        url: url.to_owned(),
+        password: None,
+        pool_size: 4,
+        lease: None,
+        dedupe_window: Duration::from_secs(3600),
+        background: true,
+    }
+}
+
+fn postback(tracking_id: &str, targets: &[&str]) -> NewPostback {
+    NewPostback {
+        id: ulid::Ulid::generate().to_string(),
+        dedupe_key: format!("MMS_MO|N401|{tracking_id}"),
+        received_at_ms: now_ms(),
+        envelope: Bytes::from(format!("{{\"subject\":\"{tracking_id}\"}}")),
+        raw_body: Bytes::from_static(b"<postback/>"),
+        content_type: Some("text/xml".into()),
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_opening_at_once_migrate_once() {
+    let db = TestDatabase::create();
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let options = options(&db.url);
+            tokio::spawn(async move { PostgresStore::open(options).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for open in opens {
+        stores.push(open.await.unwrap().expect("every instance opens"));
+    }
+    assert_eq!(
+        db.query("SELECT version FROM schema_migrations"),
+        vec![vec![rusqlite::types::Value::Integer(1)]]
+    );
+    for store in &stores {
+        store.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_a_dead_instance_runs_out_and_another_takes_the_job() {
+    let db = TestDatabase::create();
+    // A server that does not flush commits by default: the store asks for
+    // the flush itself when it acknowledges.
+    db.execute(
+        &format!("ALTER DATABASE {} SET synchronous_commit TO off", db.name),
+        Vec::new(),
+    );
+    let first = PostgresStore::open(options(&db.url)).await.unwrap();
+    let second = PostgresStore::open(options(&db.url)).await.unwrap();
+    let accepted = postback("lease-1", &["inbox", "archive"]);
+    assert_eq!(
+        first.accept(accepted.clone()).await.unwrap(),
+        Acceptance::Accepted
+    );
+    // A copy through the other instance is a duplicate of the first.
+    let mut copy = postback("lease-1", &["inbox", "archive"]);
+    copy.received_at_ms = accepted.received_at_ms;
+    assert_eq!(
+        second.accept(copy).await.unwrap(),
+        Acceptance::Duplicate {
+            original_id: accepted.id.clone()
+        }
+    );
+
+    let lease = Duration::from_millis(1500);
+    let claimed = first.claim("inbox", 10, lease).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].event_id, accepted.id);
+    assert_eq!(&claimed[0].envelope[..], &accepted.envelope[..]);
+    // The first instance "dies" holding the lease: nobody else gets the job
+    // until the lease has run out.
+    first.close().await.unwrap();
+    drop(first);
+    let leased_at = Instant::now();
+    assert!(second.claim("inbox", 10, lease).await.unwrap().is_empty());
+    let taken = loop {
+        let jobs = second.claim("inbox", 10, lease).await.unwrap();
+        if !jobs.is_empty() {
+            break jobs;
+        }
+        assert!(
+            leased_at.elapsed() < Duration::from_secs(10),
+            "the lease never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(leased_at.elapsed() + Duration::from_millis(100) >= lease);
+    assert_eq!(taken[0].id, claimed[0].id);
+
+    // Finishing the last job of an event deletes its bodies; a dead letter
+    // keeps them.
+    second
+        .complete(vec![(taken[0].id, Outcome::Delivered)])
+        .await
+        .unwrap();
+    assert_eq!(
+        db.query("SELECT COUNT(*) FROM events")[0][0],
+        rusqlite::types::Value::Integer(1),
+        "the archive job still needs the event"
+    );
+    let archive = second.claim("archive", 10, lease).await.unwrap();
+    second
+        .complete(vec![(
+            archive[0].id,
+            Outcome::Dead {
+                reason: "rejected by target".into(),
+                status: Some(410),
+                error: "gone\0with a NUL".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        db.query("SELECT COUNT(*) FROM events")[0][0],
+        rusqlite::types::Value::Integer(1),
+        "the dead letter keeps the event"
+    );
+    let stats = second.stats().await.unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(
+        (stats[0].target.as_str(), stats[0].pending, stats[0].dead),
+        ("archive", 0, 1)
+    );
+    second.close().await.unwrap();
+}
+
+#[test]
+fn a_relay_whose_database_is_unreachable_does_not_start_and_says_why() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://relay:hunter2@127.0.0.1:{port}/relay");
+    let config = write(dir.path(), "relay.yaml", &instance_config(&url, "", ""));
+    let started = Instant::now();
+    let (status, _, stderr) = run_to_end(
+        &["run", "--config", config.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert!(!status.success(), "started without its database");
+    assert!(
+        stderr.contains(&format!(
+            "cannot open the store (postgres 127.0.0.1:{port}/relay"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password was logged: {stderr}"
+    );
+    assert!(!stderr.contains("listening"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
