@@ -251,6 +251,10 @@ pub struct StoreConfig {
     /// backup, an operator's sqlite3 shell) before the postback is answered 503.
     #[serde(default = "default_busy_timeout")]
     pub busy_timeout: HumanDuration,
+    /// SQLite: `/readyz` reports unready while the store's filesystem has less
+    /// free space than this, before commits start to fail.
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: u64,
     /// PostgreSQL: connection URL (`postgres://user@host:5432/dbname`, libpq
     /// style; key=value strings work too). Keep the password out of it.
     pub url: Option<String>,
@@ -272,6 +276,7 @@ impl Default for StoreConfig {
             path: default_store_path(),
             sync: SyncMode::default(),
             busy_timeout: default_busy_timeout(),
+            min_free_bytes: default_min_free_bytes(),
             url: None,
             password: None,
             pool_size: default_pool_size(),
@@ -534,6 +539,9 @@ fn default_max_connections() -> usize {
 }
 fn default_store_path() -> PathBuf {
     PathBuf::from("data/relay.db")
+}
+fn default_min_free_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 fn default_busy_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(2))

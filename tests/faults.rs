@@ -598,13 +598,30 @@ async fn a_returning_target_with_a_backlog_gets_at_most_its_concurrency() {
         ))
         .await;
         let (acknowledged, _) = post_serially(&relay.url, "storm", N).await;
-        // Every job has failed at least once: the whole backlog is in retry.
+        // The target is known to be down: several rounds of attempts failed
+        // (the dispatcher then pauses it rather than trying every job).
         let retried = r#"relay_deliveries_total{outcome="retried",target="storm"}"#;
-        eventually(Duration::from_secs(20), "every job attempted", || {
-            let relay = &relay;
-            async move { (relay.metric(retried).await.unwrap_or(0.0) >= N as f64).then_some(()) }
-        })
+        eventually(
+            Duration::from_secs(20),
+            "several rounds of failed attempts",
+            || {
+                let relay = &relay;
+                async move {
+                    let failed = relay.metric(retried).await.unwrap_or(0.0);
+                    (failed >= (3 * CONCURRENCY) as f64).then_some(())
+                }
+            },
+        )
         .await;
+        // Paused, not hammered: a down target costs a few attempts per pause,
+        // not one per job.
+        let before = relay.metric(retried).await.unwrap_or(0.0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let during = relay.metric(retried).await.unwrap_or(0.0) - before;
+        assert!(
+            during <= (4 * CONCURRENCY) as f64,
+            "{during} attempts in 0.5 s on a target that does not answer"
+        );
 
         let sink = Sink::start_at_responding(addr, |_, _| Reply {
             status: 200,

@@ -39,6 +39,8 @@ const CLAIM_GATHER: Duration = Duration::from_millis(2);
 /// store call, and how many at most.
 const OUTCOME_GATHER: Duration = Duration::from_millis(2);
 const OUTCOME_BATCH: usize = 256;
+/// Longest pause of a target that answers nothing, so its return is noticed soon.
+const UNREACHABLE_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// A configured target, resolved for delivery.
 pub struct Target {
@@ -170,6 +172,9 @@ pub async fn run_dispatcher(
     let slots = Arc::new(Semaphore::new(target.concurrency));
     let attempts = TaskTracker::new();
     let (outcomes, finished) = tokio::sync::mpsc::unbounded_channel();
+    // Attempts in a row that got no answer at all (refused, timed out): a
+    // target that is down is paused rather than hammered job after job.
+    let unanswered = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let recorder = tokio::spawn(record_outcomes(
         store.clone(),
         target.name.clone(),
@@ -198,6 +203,20 @@ pub async fn run_dispatcher(
         if shutdown.is_cancelled() {
             break;
         }
+        let misses = unanswered.load(std::sync::atomic::Ordering::Relaxed);
+        let per_round = target.concurrency.max(1) as u32;
+        if misses >= per_round {
+            let pause = target
+                .policy
+                .delay_bound(misses / per_round)
+                .min(UNREACHABLE_PAUSE_MAX);
+            tracing::warn!(target = %target.name, attempts = misses, pause_ms = pause.as_millis() as u64,
+                "target does not answer; pausing its deliveries");
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {},
+                () = shutdown.cancelled() => break,
+            }
+        }
         let jobs = match store.claim(&target.name, free, target.lease()).await {
             Ok(jobs) => jobs,
             Err(err) => {
@@ -225,8 +244,14 @@ pub async fn run_dispatcher(
             let target = target.clone();
             let metrics = metrics.clone();
             let outcomes = outcomes.clone();
+            let unanswered = unanswered.clone();
             attempts.spawn(async move {
                 let outcome = attempt(&target, &metrics, &job).await;
+                if matches!(outcome, Outcome::Retry { status: None, .. }) {
+                    unanswered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    unanswered.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
                 // The slot frees now; the job stays leased until its outcome
                 // is written, so no claim can take it twice.
                 let _ = outcomes.send((job.id, outcome));

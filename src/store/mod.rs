@@ -50,6 +50,7 @@ pub async fn open(config: &Config, role: Role) -> Result<Arc<dyn Store>, StoreEr
             path: store.path.clone(),
             sync: store.sync,
             busy_timeout: store.busy_timeout.0,
+            min_free_bytes: store.min_free_bytes,
             dedupe_window: config.ingest.dedupe_window.0,
             recover_leases: role == Role::Daemon,
         })?),

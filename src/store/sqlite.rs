@@ -99,6 +99,8 @@ pub struct SqliteOptions {
     pub busy_timeout: Duration,
     /// A postback seen again within this window is a duplicate.
     pub dedupe_window: Duration,
+    /// Below this much free space on the store's filesystem, `is_ready` is false.
+    pub min_free_bytes: u64,
     /// Void the leases of a previous process at open. True for the daemon
     /// (the only instance); false for command-line tools that open the store
     /// beside a running relay, whose leases are alive.
@@ -108,6 +110,9 @@ pub struct SqliteOptions {
 /// The SQLite implementation of [`Store`].
 pub struct SqliteStore {
     commands: mpsc::Sender<Command>,
+    /// The database's directory, whose filesystem readiness watches.
+    directory: PathBuf,
+    min_free_bytes: u64,
     reader: Arc<Mutex<Connection>>,
     ready: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -156,7 +161,9 @@ impl SqliteStore {
         // Checkpoints run on their own thread (see `Checkpointer`), never in
         // the middle of a commit that someone is waiting for.
         writer
-            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES};"
+            ))
             .map_err(db_error)?;
         let checkpointer = Checkpointer::start(open_connection(&options.path, &options)?)?;
         let worker = Writer {
@@ -172,12 +179,24 @@ impl SqliteStore {
             .name("store-writer".into())
             .spawn(move || worker.run(receiver))
             .map_err(|err| StoreError::Database(format!("cannot start writer thread: {err}")))?;
+        let directory = match options.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
         Ok(SqliteStore {
             commands,
+            directory,
+            min_free_bytes: options.min_free_bytes,
             reader: Arc::new(Mutex::new(reader)),
             ready,
             writer: Mutex::new(Some(handle)),
         })
+    }
+
+    /// Free space for unprivileged writers on the store's filesystem, if known.
+    fn free_bytes(&self) -> Option<u64> {
+        let stats = rustix::fs::statvfs(&self.directory).ok()?;
+        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
     }
 
     /// Runs a query on the read connection, off the async workers.
@@ -254,8 +273,14 @@ impl Store for SqliteStore {
         self.read(read_stats).await
     }
 
+    /// The last commit succeeded, and the disk is not about to fill up: a
+    /// full disk can still take small commits into WAL space SQLite had
+    /// already allocated, which would make readiness flap.
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+            && self
+                .free_bytes()
+                .is_none_or(|free| free >= self.min_free_bytes)
     }
 
     async fn close(&self) -> Result<(), StoreError> {
@@ -571,6 +596,17 @@ impl Writer {
 
 /// How often committed WAL frames are copied into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// WAL length (frames of 4 KiB) past which the checkpointer forces the WAL
+/// to start over, and the size the file is truncated back to afterwards.
+const WAL_RESTART_FRAMES: i64 = 16 * 1024;
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
+/// Runs a checkpoint and returns the WAL's length in frames.
+fn wal_frames(conn: &Connection, mode: &str) -> rusqlite::Result<i64> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+        row.get(1)
+    })
+}
 
 /// Copies committed WAL frames into the database file on its own connection
 /// and thread, so no commit anyone waits for runs a checkpoint. It uses the
@@ -592,9 +628,21 @@ impl Checkpointer {
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
                     // PASSIVE never blocks the writer; a busy or failed
-                    // checkpoint is simply tried again next time.
-                    if let Err(err) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
-                        tracing::debug!(error = %err, "WAL checkpoint did not run");
+                    // checkpoint is simply tried again next time. Under
+                    // sustained load the writer may never leave the WAL
+                    // fully copied, so it could not start over and would
+                    // grow without end: past a bound, RESTART makes the next
+                    // commit wait for the copy once and then reuse the file.
+                    let mode = match wal_frames(&conn, "PASSIVE") {
+                        Ok(frames) if frames > WAL_RESTART_FRAMES => "RESTART",
+                        Ok(_) => continue,
+                        Err(err) => {
+                            tracing::debug!(error = %err, "WAL checkpoint did not run");
+                            continue;
+                        }
+                    };
+                    if let Err(err) = wal_frames(&conn, mode) {
+                        tracing::debug!(error = %err, "WAL restart checkpoint did not run");
                     }
                 }
             })

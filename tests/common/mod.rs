@@ -151,7 +151,7 @@ impl TestStore {
     pub fn yaml(&self) -> String {
         match &self.db {
             None => format!(
-                "store:\n  path: {}\n  busy_timeout: 200ms\n{}",
+                "store:\n  path: {}\n  busy_timeout: 200ms\n  min_free_bytes: 131072\n{}",
                 self.dir.path().join("relay.db").display(),
                 self.store_extra
             ),
@@ -229,7 +229,7 @@ pub struct TestRelay {
 /// targets, routes and any other section.
 pub fn config_yaml(dir: &Path, rest: &str) -> String {
     format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstore:\n  path: {}\n  busy_timeout: 200ms\n{rest}\n",
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstore:\n  path: {}\n  busy_timeout: 200ms\n  min_free_bytes: 131072\n{rest}\n",
         dir.join("relay.db").display()
     )
 }
