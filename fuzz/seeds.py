@@ -10,9 +10,9 @@ the tests build with helpers (`json!`, loops) are listed in EXTRA.
     python3 fuzz/seeds.py        # from the repository root or fuzz/
 """
 
+import hashlib
 import pathlib
 import re
-import shutil
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = [
@@ -181,7 +181,7 @@ def main():
             bodies.append((name, body))
 
     for path in FIXTURES:
-        add(path.name.replace(".", "-"), path.read_bytes())
+        add("fixture-" + path.stem, path.read_bytes())
     for source in SOURCES:
         tag = pathlib.Path(source).with_suffix("").as_posix().replace("/", "-")
         for value, template in literals((ROOT / source).read_text()):
@@ -201,13 +201,16 @@ def main():
             old.unlink()
     selectors = {"xml": [1, 2, 0, 6], "json": [3, 4, 0, 5], "other": [0, 5, 1, 3]}
     counts = {"xml": 0, "json": 0, "ingest": 0}
-    for index, (name, body) in enumerate(bodies):
+    for name, body in bodies:
         k = kind(body)
-        file_name = f"seed-{index:03}-{name}"
+        # Named (and the Content-Type picked) by content, so regenerating after
+        # a test changes touches nothing else.
+        digest = hashlib.sha1(body).digest()
+        file_name = f"seed-{name}-{digest.hex()[:10]}"
         if k in ("xml", "json"):
             (corpus / k / file_name).write_bytes(body)
             counts[k] += 1
-        selector = selectors[k][index % 4]
+        selector = selectors[k][digest[0] % 4]
         (corpus / "ingest" / file_name).write_bytes(bytes([selector]) + body)
         counts["ingest"] += 1
     # Selector 7: the Content-Type comes from the input, up to a newline.

@@ -57,7 +57,7 @@ fn check_value(key: &str, value: &Value) {
     assert_eq!(canonical_name(key), key, "key {key:?} is not canonical");
     match value {
         Value::String(_) => {}
-        Value::Array(items) => items.iter().for_each(|item| check_leaves(item)),
+        Value::Array(items) => items.iter().for_each(check_leaves),
         Value::Object(object) => object.iter().for_each(|(k, v)| check_value(k, v)),
         other => panic!("field {key:?} has a non-string leaf {other:?}"),
     }

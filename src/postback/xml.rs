@@ -124,8 +124,11 @@ pub(super) fn read_tree(text: &str) -> Result<Value, ParseError> {
 }
 
 /// Attaches a finished element to its parent, or makes it the root.
+/// Siblings are grouped under their canonical name, so `<file>` and `<FILE>`
+/// (or `<tracking-id>` and `<TRACKINGID>`) repeat one field instead of one
+/// silently replacing the other.
 fn close(stack: &mut [Open], root: &mut Option<Value>, open: Open) {
-    let name = open.name.clone();
+    let name = super::canonical_name(&open.name);
     let value = open.into_value();
     match stack.last_mut() {
         None => *root = Some(value),
@@ -168,6 +171,13 @@ mod tests {
             tree,
             json!({"a": "1", "b": {"c": "x"}, "f": ["u1", "u2"], "e": ""})
         );
+    }
+
+    #[test]
+    fn siblings_spelled_differently_are_one_repeated_field() {
+        let tree =
+            read_tree("<p><file>a</file><FILE>b</FILE><Tracking-Id>t1</Tracking-Id></p>").unwrap();
+        assert_eq!(tree, json!({"file": ["a", "b"], "tracking_id": "t1"}));
     }
 
     #[test]

@@ -44,8 +44,9 @@ pub enum Stop {
 /// What to send, where, and how.
 #[derive(Clone)]
 pub struct LoadSpec {
-    /// The server.
-    pub addr: SocketAddr,
+    /// The servers: connection `i` goes to `addrs[i % addrs.len()]` (several
+    /// relay instances share the connections evenly).
+    pub addrs: Vec<SocketAddr>,
     /// Request path.
     pub path: String,
     /// Connections, each sending serially.
@@ -172,7 +173,10 @@ async fn run_async(spec: LoadSpec) -> LoadResult {
         })
     });
     let tasks: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(connection(shared.clone())))
+        .map(|i| {
+            let addr = shared.spec.addrs[i % shared.spec.addrs.len()];
+            tokio::spawn(connection(shared.clone(), addr))
+        })
         .collect();
     let mut result = LoadResult::default();
     for task in tasks {
@@ -213,10 +217,10 @@ fn next_request(shared: &Shared) -> Option<u64> {
     }
 }
 
-async fn connection(shared: Arc<Shared>) -> ConnStats {
+async fn connection(shared: Arc<Shared>, addr: SocketAddr) -> ConnStats {
     let mut stats = ConnStats::default();
     let mut failures = 0u32;
-    let host = shared.spec.addr.to_string();
+    let host = addr.to_string();
     let uri: hyper::Uri = shared.spec.path.parse().expect("request path");
     // A request number taken but not answered (connection broke) is sent again
     // on the next connection, so a counted load still sends every body.
@@ -226,7 +230,7 @@ async fn connection(shared: Arc<Shared>) -> ConnStats {
             stats.error(format!("giving up after {failures} consecutive failures"));
             return stats;
         }
-        let stream = match TcpStream::connect(shared.spec.addr).await {
+        let stream = match TcpStream::connect(addr).await {
             Ok(stream) => stream,
             Err(err) => {
                 failures += 1;

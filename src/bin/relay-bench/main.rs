@@ -5,6 +5,7 @@
 //!
 //! ```sh
 //! cargo run --release --bin relay-bench -- [--quick] [--only S1,S2,...] [--rounds N]
+//!     [--postgres postgres://postgres@127.0.0.1:5432/postgres]
 //! ```
 //!
 //! See the README ("Benchmark") and docs/performance.md for what each
@@ -12,6 +13,7 @@
 //! test: `cargo test` never runs it and nothing here asserts on timing.
 
 mod loadgen;
+mod pg;
 mod relay_proc;
 mod servers;
 
@@ -26,7 +28,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use loadgen::{LoadResult, LoadSpec, Stop};
-use relay_proc::{memory_kib, store_counts, store_envelopes, RelayChild, RelayConfig};
+use relay_proc::{memory_kib, store_counts, store_envelopes, Backend, RelayChild, RelayConfig};
 use servers::{start_baseline, start_hung, start_sink, Baseline, Server};
 
 /// The seed postback (a copy of tests/fixtures/seed-mo.xml, used when the
@@ -57,6 +59,15 @@ const FILL_CONNECTIONS: usize = 64;
 /// How long a relay may take to stop gracefully.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const MIB: f64 = 1024.0;
+/// Scenarios on the embedded SQLite store (the default run).
+const SQLITE_SCENARIOS: [&str; 5] = ["S1", "S2", "S3", "S4", "S5"];
+/// Scenarios on PostgreSQL (run by default only with `--postgres`).
+const POSTGRES_SCENARIOS: [&str; 3] = ["S1pg", "S2pg", "S2pg2"];
+/// Issue 4, part 4: two instances on PostgreSQL sustain at least this share
+/// of the single-instance SQLite rate in S2…
+const S2PG2_MIN_SHARE: f64 = 0.5;
+/// …with p99 answer time at most this (ms).
+const S2PG2_MAX_P99_MS: f64 = 50.0;
 
 /// Benchmark of the relay against the limits of this machine (issue 4).
 #[derive(Debug, Parser)]
@@ -65,9 +76,15 @@ struct Args {
     /// One round, shorter runs, smaller backlogs (a few minutes in all).
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run, e.g. `S1,S3` (default: all of S1..S5).
+    /// Scenarios to run, e.g. `S1,S3` (default: all of S1..S5, plus S1pg, S2pg
+    /// and S2pg2 with `--postgres`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// PostgreSQL server for S1pg, S2pg and S2pg2, as a role that may create
+    /// databases, e.g. `postgres://postgres@127.0.0.1:5432/postgres`; each run
+    /// creates a database `bench_<random>` there and drops it afterwards.
+    #[arg(long)]
+    postgres: Option<String>,
     /// Alternations of relay and baseline per scenario (default 3; quick 1).
     #[arg(long)]
     rounds: Option<usize>,
@@ -104,6 +121,7 @@ struct Args {
 struct Settings {
     quick: bool,
     scenarios: Vec<String>,
+    postgres: Option<String>,
     rounds: usize,
     warmup: Duration,
     duration: Duration,
@@ -196,19 +214,31 @@ fn main() {
 
 fn settings(args: Args) -> Result<Settings, String> {
     let quick = args.quick;
+    let known = SQLITE_SCENARIOS.iter().chain(&POSTGRES_SCENARIOS);
     let scenarios: Vec<String> = if args.only.is_empty() {
-        ["S1", "S2", "S3", "S4", "S5"].map(String::from).to_vec()
-    } else {
-        args.only
-            .iter()
-            .map(|s| s.trim().to_ascii_uppercase())
+        known
+            .filter(|id| args.postgres.is_some() || !POSTGRES_SCENARIOS.contains(id))
+            .map(|id| id.to_string())
             .collect()
-    };
-    for scenario in &scenarios {
-        if !["S1", "S2", "S3", "S4", "S5"].contains(&scenario.as_str()) {
-            return Err(format!("unknown scenario `{scenario}` (S1..S5)"));
+    } else {
+        let mut scenarios = Vec::new();
+        for wanted in &args.only {
+            let wanted = wanted.trim();
+            let id = known
+                .clone()
+                .find(|id| id.eq_ignore_ascii_case(wanted))
+                .ok_or_else(|| {
+                    format!("unknown scenario `{wanted}` (S1..S5, S1pg, S2pg, S2pg2)")
+                })?;
+            if POSTGRES_SCENARIOS.contains(id) && args.postgres.is_none() {
+                return Err(format!(
+                    "{id} needs `--postgres URL` (e.g. postgres://postgres@127.0.0.1:5432/postgres)"
+                ));
+            }
+            scenarios.push(id.to_string());
         }
-    }
+        scenarios
+    };
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     // target/<profile>/relay-bench → target
     let target_dir = exe
@@ -235,6 +265,7 @@ fn settings(args: Args) -> Result<Settings, String> {
     Ok(Settings {
         quick,
         scenarios,
+        postgres: args.postgres,
         rounds: args.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
         warmup: seconds(args.warmup, 1.0, 0.5),
         duration: seconds(args.duration, 5.0, 2.0),
@@ -339,9 +370,9 @@ impl Bench {
         })
     }
 
-    fn timed(&self, addr: std::net::SocketAddr, connections: usize) -> LoadSpec {
+    fn timed(&self, addrs: Vec<std::net::SocketAddr>, connections: usize) -> LoadSpec {
         LoadSpec {
-            addr,
+            addrs,
             path: INGEST_PATH.into(),
             connections,
             stop: Stop::Timed {
@@ -354,10 +385,10 @@ impl Bench {
         }
     }
 
-    fn relay_config(&self, dir: &Path, sync: &'static str, target_port: u16) -> RelayConfig {
+    fn relay_config(&self, dir: &Path, backend: Backend, target_port: u16) -> RelayConfig {
         RelayConfig {
             dir: dir.to_path_buf(),
-            sync,
+            backend,
             target_base: format!("http://127.0.0.1:{target_port}"),
             delivery_timeout: "10s",
         }
@@ -381,19 +412,21 @@ impl Bench {
                 "S1" => paired.push(self.latency_scenario(
                     "S1",
                     "1 connection, store.sync full",
-                    "full",
+                    Backend::Sqlite { sync: "full" },
+                    1,
                     1,
                     Baseline::FsyncEach,
-                    (0.90, "req/s ratio ≥ 0.90"),
+                    Some((0.90, "req/s ratio ≥ 0.90")),
                 )),
                 "S2" => {
                     let result = self.latency_scenario(
                         "S2",
                         "64 connections, store.sync full",
-                        "full",
+                        Backend::Sqlite { sync: "full" },
+                        1,
                         64,
                         Baseline::GroupCommit,
-                        (0.70, "req/s ratio ≥ 0.70, p99 ratio ≤ 3"),
+                        Some((0.70, "req/s ratio ≥ 0.70, p99 ratio ≤ 3")),
                     );
                     s2_rss = result
                         .relay
@@ -405,10 +438,38 @@ impl Bench {
                 "S3" => paired.push(self.latency_scenario(
                     "S3",
                     "1 connection, store.sync normal",
-                    "normal",
+                    Backend::Sqlite { sync: "normal" },
+                    1,
                     1,
                     Baseline::Bare,
-                    (0.50, "req/s ratio ≥ 0.50"),
+                    Some((0.50, "req/s ratio ≥ 0.50")),
+                )),
+                "S1pg" => paired.push(self.latency_scenario(
+                    "S1pg",
+                    "1 connection, PostgreSQL, one relay instance",
+                    self.postgres_server(),
+                    1,
+                    1,
+                    Baseline::FsyncEach,
+                    None,
+                )),
+                "S2pg" => paired.push(self.latency_scenario(
+                    "S2pg",
+                    "64 connections, PostgreSQL, one relay instance",
+                    self.postgres_server(),
+                    1,
+                    64,
+                    Baseline::GroupCommit,
+                    None,
+                )),
+                "S2pg2" => paired.push(self.latency_scenario(
+                    "S2pg2",
+                    "64 connections, PostgreSQL, two relay instances (32 connections each)",
+                    self.postgres_server(),
+                    2,
+                    64,
+                    Baseline::GroupCommit,
+                    None,
                 )),
                 "S4" => paired.push(self.s4()),
                 "S5" => s5 = Some(self.s5()),
@@ -431,29 +492,44 @@ impl Bench {
         let _ = std::fs::remove_dir_all(&s.work);
     }
 
-    /// S1–S3: the relay and a baseline, same load, alternating.
+    /// The `--postgres` server as a backend (each run makes a database on it).
+    fn postgres_server(&self) -> Backend {
+        Backend::Postgres {
+            url: self.s.postgres.clone().expect("checked in settings"),
+        }
+    }
+
+    /// S1–S3 and the PostgreSQL scenarios: the relay (`instances` of it,
+    /// sharing the store and the connections) and a baseline, same load,
+    /// alternating.
+    #[allow(clippy::too_many_arguments)]
     fn latency_scenario(
         &self,
         id: &'static str,
         title: &str,
-        sync: &'static str,
+        backend: Backend,
+        instances: usize,
         connections: usize,
         baseline: Baseline,
-        target: (f64, &'static str),
+        target: Option<(f64, &'static str)>,
     ) -> Paired {
         let mut result = Paired {
             id,
             title: title.to_owned(),
-            relay_label: format!("sync {sync}"),
+            relay_label: if instances > 1 {
+                format!("{}, {instances} instances", backend.label())
+            } else {
+                backend.label()
+            },
             baseline_label: baseline.label().to_owned(),
             unit: "req/s",
-            target: Some(target),
+            target,
             relay: Vec::new(),
             baseline: Vec::new(),
             notes: Vec::new(),
         };
         for round in 1..=self.s.rounds {
-            match self.relay_run(id, sync, connections) {
+            match self.relay_run(id, &backend, instances, connections) {
                 Ok((stats, notes)) => {
                     self.log(&format!(
                         "{id} round {round} relay    {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}",
@@ -481,34 +557,80 @@ impl Bench {
         result
     }
 
+    /// One measured relay run: a fresh store (a new SQLite directory, or a
+    /// new database on the PostgreSQL server), `instances` relays on it, the
+    /// connections spread evenly over their ingest listeners.
     fn relay_run(
         &self,
         id: &str,
-        sync: &'static str,
+        backend: &Backend,
+        instances: usize,
         connections: usize,
     ) -> Result<(RunStats, Vec<String>), String> {
         let dir = self.fresh_dir(&format!("{}-relay", id.to_lowercase()));
-        let config = self.relay_config(&dir, sync, self.sink.addr.port());
-        let delivered_before = self.sink.requests.load(Ordering::Relaxed);
-        let mut relay = RelayChild::start(&self.s.relay_bin, &config, &self.s.relay_log)?;
-        let load = loadgen::run(self.timed(relay.ingest, connections));
         let mut notes = Vec::new();
-        let mut stats = RunStats::from_load(&load);
-        if let Some(status) = relay.exited() {
-            notes.push(format!(
-                "the relay exited during the run ({status}); last log lines:\n{}",
-                relay.log_summary().tail.join("\n")
-            ));
+        // Declared before the relays, so dropped (DROP DATABASE) after them.
+        let mut database = None;
+        let backend = match backend {
+            Backend::Postgres { url } => {
+                let created = pg::RunDatabase::create(url)?;
+                notes.push(format!("PostgreSQL: {}", created.settings));
+                let backend = Backend::Postgres {
+                    url: created.url.clone(),
+                };
+                database = Some(created);
+                backend
+            }
+            sqlite => sqlite.clone(),
+        };
+        let delivered_before = self.sink.requests.load(Ordering::Relaxed);
+        let mut relays = Vec::with_capacity(instances);
+        for instance in 0..instances {
+            let config = self.relay_config(
+                &dir.join(format!("instance-{instance}")),
+                backend.clone(),
+                self.sink.addr.port(),
+            );
+            relays.push(RelayChild::start(
+                &self.s.relay_bin,
+                &config,
+                &self.s.relay_log,
+            )?);
         }
-        if let Some((hwm, rss)) = relay.memory_kib() {
+        let addrs = relays.iter().map(|relay| relay.ingest).collect();
+        let load = loadgen::run(self.timed(addrs, connections));
+        let mut stats = RunStats::from_load(&load);
+        let mut peak_kib = Vec::new();
+        for relay in &mut relays {
+            if let Some(status) = relay.exited() {
+                notes.push(format!(
+                    "a relay exited during the run ({status}); last log lines:\n{}",
+                    relay.log_summary().tail.join("\n")
+                ));
+            }
+            if let Some((hwm, rss)) = relay.memory_kib() {
+                peak_kib.push((hwm, rss));
+            }
+        }
+        // The largest instance (they share the load evenly).
+        if let Some(&(hwm, rss)) = peak_kib.iter().max() {
             stats.extra.insert("peak_rss_kib".into(), json!(hwm));
             stats.extra.insert("rss_kib".into(), json!(rss));
         }
-        stats.extra.insert(
-            "wal_bytes_at_end".into(),
-            json!(file_size(&dir.join("relay.db-wal"))),
-        );
-        let stopped = relay.stop(STOP_TIMEOUT);
+        if let Backend::Sqlite { .. } = backend {
+            let wal: u64 = (0..instances)
+                .map(|i| file_size(&dir.join(format!("instance-{i}/relay.db-wal"))))
+                .sum();
+            stats.extra.insert("wal_bytes_at_end".into(), json!(wal));
+        }
+        let mut log = (0, 0, 0);
+        for relay in relays {
+            let stopped = relay.stop(STOP_TIMEOUT);
+            log.0 += stopped.log.lines;
+            log.1 += stopped.log.warnings;
+            log.2 += stopped.log.errors;
+            notes.extend(stop_notes(&stopped));
+        }
         let delivered = self.sink.requests.load(Ordering::Relaxed) - delivered_before;
         stats
             .extra
@@ -518,15 +640,18 @@ impl Bench {
             .insert("postbacks_accepted".into(), json!(load.answered_total));
         stats.extra.insert(
             "log".into(),
-            json!({"lines": stopped.log.lines, "warn": stopped.log.warnings, "error": stopped.log.errors}),
+            json!({"lines": log.0, "warn": log.1, "error": log.2}),
         );
-        notes.extend(stop_notes(&stopped));
+        if instances > 1 {
+            stats.extra.insert("instances".into(), json!(instances));
+        }
         if load.errors > 0 {
             notes.push(format!(
                 "{} load errors, e.g. {:?}",
                 load.errors, load.error_samples
             ));
         }
+        drop(database);
         let _ = std::fs::remove_dir_all(&dir);
         Ok((stats, notes))
     }
@@ -534,7 +659,7 @@ impl Bench {
     fn baseline_run(&self, id: &str, kind: Baseline, connections: usize) -> RunStats {
         let dir = self.fresh_dir(&format!("{}-baseline", id.to_lowercase()));
         let server = start_baseline(kind, &dir, self.s.workers);
-        let load = loadgen::run(self.timed(server.addr, connections));
+        let load = loadgen::run(self.timed(vec![server.addr], connections));
         let mut stats = RunStats::from_load(&load);
         let syncs = server.sync_stats.syncs.load(Ordering::Relaxed);
         let records = server.sync_stats.records.load(Ordering::Relaxed);
@@ -558,7 +683,8 @@ impl Bench {
     fn fill(&self, what: &str, postbacks: u64) -> Result<(PathBuf, Value), String> {
         let dir = self.fresh_dir(&format!("{what}-backlog"));
         let hung = start_hung();
-        let mut config = self.relay_config(&dir, "normal", hung.addr.port());
+        let mut config =
+            self.relay_config(&dir, Backend::Sqlite { sync: "normal" }, hung.addr.port());
         config.delivery_timeout = "2s";
         let mut relay = RelayChild::start(&self.s.relay_bin, &config, &self.s.relay_log)?;
         let pid = relay.pid();
@@ -593,7 +719,7 @@ impl Bench {
             "{what}: filling a backlog of {postbacks} postbacks × 2 targets (target hung)"
         ));
         let load = loadgen::run(LoadSpec {
-            addr: relay.ingest,
+            addrs: vec![relay.ingest],
             path: INGEST_PATH.into(),
             connections: FILL_CONNECTIONS,
             stop: Stop::Count(postbacks),
@@ -721,7 +847,11 @@ impl Bench {
     ) -> Result<(RunStats, Vec<String>), String> {
         let dir = self.fresh_dir("s4-drain");
         copy_store(snapshot, &dir)?;
-        let config = self.relay_config(&dir, "full", self.sink.addr.port());
+        let config = self.relay_config(
+            &dir,
+            Backend::Sqlite { sync: "full" },
+            self.sink.addr.port(),
+        );
         self.sink.requests.store(0, Ordering::Relaxed);
         let spawned = Instant::now();
         let mut relay = RelayChild::start(&self.s.relay_bin, &config, &self.s.relay_log)?;
@@ -917,7 +1047,7 @@ impl Bench {
             }
         };
         let port = servers::dead_port();
-        let config = self.relay_config(&dir, "full", port);
+        let config = self.relay_config(&dir, Backend::Sqlite { sync: "full" }, port);
         self.log(&format!(
             "s5: restarting with {} pending deliveries, targets refusing connections, watching {:.0} s",
             2 * postbacks,
@@ -1074,6 +1204,32 @@ fn verdict(p: &Paired, s: &Summary) -> Option<bool> {
     Some(met)
 }
 
+/// Issue 4, part 4: S2pg2's relay rate as a share of the S2 (SQLite) relay
+/// rate of the same invocation, and its p99, against the target.
+fn s2pg2_vs_s2(paired: &[Paired]) -> Option<Value> {
+    let pg2 = paired.iter().find(|p| p.id == "S2pg2")?;
+    let target = format!(
+        "S2pg2 rate ≥ {S2PG2_MIN_SHARE} × S2 SQLite relay rate, p99 ≤ {S2PG2_MAX_P99_MS} ms"
+    );
+    let pg2 = summarize(pg2);
+    let Some(s2) = paired.iter().find(|p| p.id == "S2") else {
+        return Some(json!({
+            "target": target,
+            "p99_ms": round3(pg2.relay[2]),
+            "error": "S2 (SQLite) was not run in this invocation; no ratio",
+        }));
+    };
+    let share = pg2.relay[0] / summarize(s2).relay[0];
+    let met = (share.is_finite() && pg2.relay[2].is_finite())
+        .then(|| share >= S2PG2_MIN_SHARE && pg2.relay[2] <= S2PG2_MAX_P99_MS);
+    Some(json!({
+        "target": target,
+        "share_of_s2_sqlite": round3(share),
+        "p99_ms": round3(pg2.relay[2]),
+        "target_met": met,
+    }))
+}
+
 fn num(value: f64, decimals: usize) -> String {
     if !value.is_finite() {
         return "-".into();
@@ -1207,12 +1363,16 @@ fn render(s: &Settings, paired: &[Paired], s5: Option<&Value>, s2_rss: &[f64]) -
         if accepted.is_finite() && delivered.is_finite() {
             let _ = writeln!(
                 t,
-                "{:<4} relay run: {} postbacks accepted (warm-up included) → {} of {} deliveries reached the sink by the stop; WAL {} MiB",
+                "{:<4} relay run: {} postbacks accepted (warm-up included) → {} of {} deliveries reached the sink by the stop{}",
                 "",
                 num(accepted, 0),
                 num(delivered, 0),
                 num(2.0 * accepted, 0),
-                num(wal, 1)
+                if wal.is_finite() {
+                    format!("; WAL {} MiB", num(wal, 1))
+                } else {
+                    String::new()
+                }
             );
         }
         if p.id == "S2" {
@@ -1228,6 +1388,25 @@ fn render(s: &Settings, paired: &[Paired], s5: Option<&Value>, s2_rss: &[f64]) -
                     "",
                     num(per_sync, 1)
                 );
+            }
+        }
+        if p.id == "S2pg2" {
+            if let Some(vs) = s2pg2_vs_s2(paired) {
+                let target = vs["target"].as_str().unwrap_or("?");
+                let line = match vs.get("error") {
+                    Some(err) => format!("target {target}: {}", err.as_str().unwrap_or("?")),
+                    None => format!(
+                        "rate / S2 SQLite relay rate {}, p99 {} ms: target {target}: {}",
+                        num(vs["share_of_s2_sqlite"].as_f64().unwrap_or(f64::NAN), 2),
+                        num(vs["p99_ms"].as_f64().unwrap_or(f64::NAN), 3),
+                        match vs["target_met"].as_bool() {
+                            Some(true) => "met",
+                            Some(false) => "NOT met",
+                            None => "no data",
+                        }
+                    ),
+                };
+                let _ = writeln!(t, "{:<4} {line}", "");
             }
         }
         for note in &p.notes {
@@ -1348,9 +1527,7 @@ fn results_json(
     for p in paired {
         let sum = summarize(p);
         let four = |v: [f64; 4], digits: fn(f64) -> f64| json!({"rate": round2(v[0]), "p50_ms": digits(v[1]), "p99_ms": digits(v[2]), "p999_ms": digits(v[3])});
-        scenarios.insert(
-            p.id.into(),
-            json!({
+        let mut value = json!({
                 "title": p.title,
                 "unit": p.unit,
                 "relay_label": p.relay_label,
@@ -1366,8 +1543,11 @@ fn results_json(
                     "baseline": p.baseline.iter().map(RunStats::json).collect::<Vec<_>>(),
                 },
                 "notes": p.notes,
-            }),
-        );
+        });
+        if p.id == "S2pg2" {
+            value["vs_s2_sqlite"] = s2pg2_vs_s2(paired).unwrap_or(Value::Null);
+        }
+        scenarios.insert(p.id.into(), value);
     }
     if s5.is_some() || !s2_rss.is_empty() {
         let mut value = s5.cloned().unwrap_or_else(|| json!({}));
