@@ -1,5 +1,6 @@
-//! The command line: `run` the daemon, `check-config` before deploying, and
-//! `quarantine list|replay` for bodies the parser refused.
+//! The command line: `run` the daemon, `check-config` and `route` (a dry-run of
+//! the routing rules) before deploying, and `quarantine list|replay` for bodies
+//! the parser refused.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +41,19 @@ pub enum Command {
         /// The YAML config file.
         #[arg(long, short, default_value = "config/relay.yaml")]
         config: PathBuf,
+    },
+    /// Dry-run: parse a postback from standard input and print its envelope
+    /// and the targets it would be delivered to, and why. Stores nothing.
+    Route {
+        /// The YAML config file whose routes are tried.
+        #[arg(long, short, default_value = "config/relay.yaml")]
+        config: PathBuf,
+        /// The Content-Type Sinch would send (a hint; the body is sniffed).
+        #[arg(long)]
+        content_type: Option<String>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect and re-ingest bodies the parser refused (works beside a running relay).
     Quarantine {
@@ -93,7 +107,9 @@ pub fn main(cli: Cli) -> ExitCode {
         tracing::warn!(variable = %name, "ignoring environment variable: RELAY_ prefix but no such config key");
     }
     let config_path = match &cli.command {
-        Command::Run { config } | Command::CheckConfig { config } => config,
+        Command::Run { config }
+        | Command::CheckConfig { config }
+        | Command::Route { config, .. } => config,
         Command::Quarantine { action } => match action {
             QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
                 config
@@ -119,6 +135,9 @@ pub fn main(cli: Cli) -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { .. } => block_on(run(config)).map(|()| ExitCode::SUCCESS),
+        Command::Route {
+            content_type, json, ..
+        } => dry_run(&config, content_type.as_deref(), json),
         Command::Quarantine { action } => block_on(quarantine(config, action)),
     };
     outcome.unwrap_or_else(|err| {
@@ -126,6 +145,59 @@ pub fn main(cli: Cli) -> ExitCode {
         eprintln!("postback-relay: {err:#}");
         ExitCode::FAILURE
     })
+}
+
+/// `route`: what the relay would do with the postback on standard input.
+/// Exit 0 when it parses, 1 when the relay would answer 400 (and quarantine it).
+fn dry_run(config: &Config, content_type: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+        .context("cannot read standard input")?;
+    let postback = match crate::postback::parse(&body, content_type) {
+        Ok(postback) => postback,
+        Err(err) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": err.to_string(), "answer": 400 })
+                );
+            } else {
+                println!(
+                    "not a postback: {err}
+the relay would answer 400 and keep the body in the quarantine"
+                );
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let decision = Router::new(config).route(&postback);
+    let envelope = crate::envelope::Envelope::new(
+        &postback,
+        ulid::Ulid::generate().to_string(),
+        &config.envelope.source,
+        chrono::Utc::now(),
+    );
+    if json {
+        let report = serde_json::json!({
+            "envelope": envelope,
+            "routes": decision.routes,
+            "targets": decision.targets,
+        });
+        println!("{report}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("envelope (the id and receive time are examples):");
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&envelope).context("serialize the envelope")?
+    );
+    if decision.targets.is_empty() {
+        println!("no route matches: the relay would answer 200 and keep it as a dead letter (\"no route\")");
+    } else {
+        println!("routes matched: {}", decision.routes.join(", "));
+        println!("delivered to:   {}", decision.targets.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
