@@ -28,6 +28,9 @@ pub struct Metrics {
     /// Clients cut off for being too slow, by listener and phase
     /// (`headers`, `body`, `tls_handshake`, `proxy_header`).
     pub connection_timeouts: IntCounterVec,
+    /// Always 1, labelled with the running version: dashboards and alerts
+    /// can tell which build each instance runs.
+    pub build_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -93,6 +96,14 @@ impl Metrics {
             &["listener", "phase"],
         )
         .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("relay_build_info", "The running build; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         for collector in [
             Box::new(postbacks_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ingest_duration.clone()),
@@ -101,6 +112,7 @@ impl Metrics {
             Box::new(queue_pending.clone()),
             Box::new(dead_letters.clone()),
             Box::new(connection_timeouts.clone()),
+            Box::new(build_info.clone()),
         ] {
             registry
                 .register(collector)
@@ -121,6 +133,7 @@ impl Metrics {
             queue_pending,
             dead_letters,
             connection_timeouts,
+            build_info,
         }
     }
 

@@ -1424,6 +1424,15 @@ async fn metrics_count_postbacks_by_format_and_outcome() {
         .await
         .expect("histogram sum");
     assert!(sum >= 0.0);
+    assert_eq!(
+        relay
+            .metric(&format!(
+                "relay_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .await,
+        Some(1.0)
+    );
     relay.shutdown().await;
 }
 
