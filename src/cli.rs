@@ -1,6 +1,6 @@
 //! The command line: `run` the daemon, `check-config` and `route` (a dry-run of
 //! the routing rules) before deploying, and `quarantine list|replay` for bodies
-//! the parser refused.
+//! the parser refused; `simulate` plays the aggregator against a deployment.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +55,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Behave like the aggregator: send sample postbacks (or the given
+    /// files) serially over one keep-alive connection, retry failures like
+    /// Sinch does, and print a summary. Exit 1 if any postback was given up.
+    Simulate {
+        /// The postback URL, as given to Sinch.
+        #[arg(long)]
+        url: hyper::Uri,
+        /// Postbacks to send.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// At most this many requests per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Send the files of this directory (`.xml`, `.json`) instead of samples.
+        #[arg(long)]
+        files: Option<PathBuf>,
+        /// Answer deadline of one request.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Retries of a failed postback.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+        /// Wait before a retry.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        retry_interval: std::time::Duration,
+    },
     /// Inspect and re-ingest bodies the parser refused (works beside a running relay).
     Quarantine {
         /// What to do with the quarantine.
@@ -106,25 +132,8 @@ pub fn main(cli: Cli) -> ExitCode {
     for name in crate::config::unrecognized_env_overrides() {
         tracing::warn!(variable = %name, "ignoring environment variable: RELAY_ prefix but no such config key");
     }
-    let config_path = match &cli.command {
-        Command::Run { config }
-        | Command::CheckConfig { config }
-        | Command::Route { config, .. } => config,
-        Command::Quarantine { action } => match action {
-            QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
-                config
-            }
-        },
-    };
-    let config = match Config::load(config_path) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return ExitCode::from(2);
-        }
-    };
     let outcome = match cli.command {
-        Command::CheckConfig { config: path } => {
+        Command::CheckConfig { config: path } => with_config(&path, |config| {
             println!(
                 "{}: OK ({} targets, {} routes, store {})",
                 path.display(),
@@ -133,18 +142,64 @@ pub fn main(cli: Cli) -> ExitCode {
                 config.store.describe()
             );
             Ok(ExitCode::SUCCESS)
-        }
-        Command::Run { .. } => block_on(run(config)).map(|()| ExitCode::SUCCESS),
+        }),
+        Command::Run { config } => with_config(&config, |config| {
+            block_on(run(config)).map(|()| ExitCode::SUCCESS)
+        }),
         Command::Route {
-            content_type, json, ..
-        } => dry_run(&config, content_type.as_deref(), json),
-        Command::Quarantine { action } => block_on(quarantine(config, action)),
+            config,
+            content_type,
+            json,
+        } => with_config(&config, |config| {
+            dry_run(&config, content_type.as_deref(), json)
+        }),
+        Command::Quarantine { action } => {
+            let path = match &action {
+                QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
+                    config.clone()
+                }
+            };
+            with_config(&path, |config| block_on(quarantine(config, action)))
+        }
+        // The only command that needs no config: it talks to a URL.
+        Command::Simulate {
+            url,
+            count,
+            rate,
+            files,
+            timeout,
+            retries,
+            retry_interval,
+        } => block_on(simulate(crate::simulate::SimulateOptions {
+            url,
+            count,
+            rate,
+            files,
+            timeout,
+            retries,
+            retry_interval,
+        })),
     };
     outcome.unwrap_or_else(|err| {
         tracing::error!("{err:#}");
         eprintln!("postback-relay: {err:#}");
         ExitCode::FAILURE
     })
+}
+
+/// Loads the config and runs `work` with it; an invalid config prints its
+/// error (naming the file and the key) and exits 2.
+fn with_config(
+    path: &std::path::Path,
+    work: impl FnOnce(Config) -> anyhow::Result<ExitCode>,
+) -> anyhow::Result<ExitCode> {
+    match Config::load(path) {
+        Ok(config) => work(config),
+        Err(err) => {
+            eprintln!("{err}");
+            Ok(ExitCode::from(2))
+        }
+    }
 }
 
 /// `route`: what the relay would do with the postback on standard input.
@@ -198,6 +253,35 @@ the relay would answer 400 and keep the body in the quarantine"
         println!("delivered to:   {}", decision.targets.join(", "));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `simulate`: sends, then prints the summary.
+async fn simulate(options: crate::simulate::SimulateOptions) -> anyhow::Result<ExitCode> {
+    let summary = crate::simulate::run(&options).await?;
+    let ms = |d: Option<std::time::Duration>| {
+        d.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "{} postbacks to {}: {} accepted, {} retries, {} given up",
+        summary.postbacks, options.url, summary.accepted, summary.retried, summary.given_up
+    );
+    println!(
+        "answer time: p50 {}, p90 {}, p99 {}, max {} ({} requests)",
+        ms(summary.percentile(50.0)),
+        ms(summary.percentile(90.0)),
+        ms(summary.percentile(99.0)),
+        ms(summary.answer_times.last().copied()),
+        summary.answer_times.len()
+    );
+    for failure in &summary.failures {
+        println!("failure: {failure}");
+    }
+    Ok(if summary.given_up == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {

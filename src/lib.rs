@@ -30,5 +30,6 @@ pub mod proxy_protocol;
 pub mod quarantine;
 pub mod relay;
 pub mod routing;
+pub mod simulate;
 pub mod store;
 pub mod tls;
