@@ -25,6 +25,9 @@ pub struct Metrics {
     pub queue_pending: IntGaugeVec,
     /// Dead letters kept, by target (read from the store).
     pub dead_letters: IntGaugeVec,
+    /// Age of the oldest delivery still waiting, by target: the queue's lag,
+    /// which says more than its length.
+    pub queue_oldest_age: prometheus::GaugeVec,
     /// Clients cut off for being too slow, by listener and phase
     /// (`headers`, `body`, `tls_handshake`, `proxy_header`).
     pub connection_timeouts: IntCounterVec,
@@ -88,6 +91,14 @@ impl Metrics {
             &["target"],
         )
         .expect("valid metric");
+        let queue_oldest_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "relay_queue_oldest_age_seconds",
+                "Age of the oldest delivery still waiting, by target (0 when none waits).",
+            ),
+            &["target"],
+        )
+        .expect("valid metric");
         let connection_timeouts = IntCounterVec::new(
             Opts::new(
                 "relay_connection_timeouts_total",
@@ -111,6 +122,7 @@ impl Metrics {
             Box::new(delivery_duration.clone()),
             Box::new(queue_pending.clone()),
             Box::new(dead_letters.clone()),
+            Box::new(queue_oldest_age.clone()),
             Box::new(connection_timeouts.clone()),
             Box::new(build_info.clone()),
         ] {
@@ -132,6 +144,7 @@ impl Metrics {
             delivery_duration,
             queue_pending,
             dead_letters,
+            queue_oldest_age,
             connection_timeouts,
             build_info,
         }
@@ -143,7 +156,9 @@ impl Metrics {
         for target in targets {
             self.queue_pending.with_label_values(&[target]).set(0);
             self.dead_letters.with_label_values(&[target]).set(0);
+            self.queue_oldest_age.with_label_values(&[target]).set(0.0);
         }
+        let now = crate::store::now_ms();
         for stat in stats {
             self.queue_pending
                 .with_label_values(&[&stat.target])
@@ -151,6 +166,12 @@ impl Metrics {
             self.dead_letters
                 .with_label_values(&[&stat.target])
                 .set(stat.dead as i64);
+            let age = stat
+                .oldest_pending_ms
+                .map_or(0, |oldest| (now - oldest).max(0));
+            self.queue_oldest_age
+                .with_label_values(&[&stat.target])
+                .set(age as f64 / 1000.0);
         }
     }
 

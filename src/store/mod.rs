@@ -207,6 +207,8 @@ pub struct TargetStats {
     pub pending: u64,
     /// Dead letters kept.
     pub dead: u64,
+    /// When the oldest job still waiting was created (None: no job waits).
+    pub oldest_pending_ms: Option<i64>,
 }
 
 /// Why the store could not do what was asked; ingest maps every variant to 503.

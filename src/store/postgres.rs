@@ -211,10 +211,11 @@ ON CONFLICT (body_hash) DO UPDATE SET last_seen = EXCLUDED.last_seen,
 const PROBE_SQL: &str = "INSERT INTO heartbeat (id, at) VALUES ($1, $2) \
      ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at";
 const STATS_SQL: &str = r#"
-SELECT target, SUM(pending)::bigint, SUM(dead)::bigint FROM (
-    SELECT target, COUNT(*) AS pending, 0::bigint AS dead FROM jobs GROUP BY target
+SELECT target, SUM(pending)::bigint, SUM(dead)::bigint, MIN(oldest)::bigint FROM (
+    SELECT target, COUNT(*) AS pending, 0::bigint AS dead, MIN(created_at) AS oldest
+    FROM jobs GROUP BY target
     UNION ALL
-    SELECT target, 0::bigint, COUNT(*) FROM dead_letters GROUP BY target
+    SELECT target, 0::bigint, COUNT(*), NULL::bigint FROM dead_letters GROUP BY target
 ) counts GROUP BY target ORDER BY target
 "#;
 const PRUNE_DEDUPE_SQL: &str = "DELETE FROM dedupe WHERE key IN \
@@ -589,6 +590,7 @@ impl Store for PostgresStore {
                         target: row.get(0),
                         pending: row.get::<_, i64>(1).max(0) as u64,
                         dead: row.get::<_, i64>(2).max(0) as u64,
+                        oldest_pending_ms: row.get(3),
                     })
                     .collect())
             })

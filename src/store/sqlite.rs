@@ -341,27 +341,44 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 
 fn read_stats(conn: &Connection) -> rusqlite::Result<Vec<TargetStats>> {
     let mut counts: BTreeMap<String, TargetStats> = BTreeMap::new();
-    for (table, is_dead) in [("jobs", false), ("dead_letters", true)] {
-        let mut statement = conn.prepare_cached(&format!(
-            "SELECT target, COUNT(*) FROM {table} GROUP BY target"
-        ))?;
-        let rows = statement.query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-        })?;
-        for row in rows {
-            let (target, count) = row?;
-            let entry = counts.entry(target.clone()).or_insert(TargetStats {
+    // Both scans read only the (target, next_at) index; job ids grow with
+    // creation, so the smallest id per target is its oldest job.
+    let mut pending =
+        conn.prepare_cached("SELECT target, COUNT(*), MIN(id) FROM jobs GROUP BY target")?;
+    let mut created = conn.prepare_cached("SELECT created_at FROM jobs WHERE id = ?1")?;
+    let rows: Vec<(String, i64, i64)> = pending
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (target, count, oldest_id) in rows {
+        let oldest_pending_ms = created
+            .query_row([oldest_id], |row| row.get(0))
+            .optional()?;
+        counts.insert(
+            target.clone(),
+            TargetStats {
+                target,
+                pending: count.max(0) as u64,
+                dead: 0,
+                oldest_pending_ms,
+            },
+        );
+    }
+    let mut dead =
+        conn.prepare_cached("SELECT target, COUNT(*) FROM dead_letters GROUP BY target")?;
+    let rows = dead.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+    })?;
+    for row in rows {
+        let (target, count) = row?;
+        counts
+            .entry(target.clone())
+            .or_insert(TargetStats {
                 target,
                 pending: 0,
                 dead: 0,
-            });
-            let count = count.max(0) as u64;
-            if is_dead {
-                entry.dead = count;
-            } else {
-                entry.pending = count;
-            }
-        }
+                oldest_pending_ms: None,
+            })
+            .dead = count.max(0) as u64;
     }
     Ok(counts.into_values().collect())
 }
