@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hyper::header::{HeaderMap, AUTHORIZATION};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{Cidr, IngestConfig};
@@ -28,8 +29,8 @@ pub struct AccessPolicy {
     trusted_proxies: Vec<Cidr>,
     /// `Basic base64(user:password)`, precomputed for a constant-time compare.
     basic_auth: Option<Vec<u8>>,
-    /// The secret last path segment.
-    path_token: Option<String>,
+    /// SHA-256 of the secret last path segment.
+    path_token: Option<Vec<u8>>,
 }
 
 /// Why a request is turned away.
@@ -56,11 +57,12 @@ impl AccessPolicy {
             None => None,
         };
         let path_token = match &config.path_token {
-            Some(token) => Some(
-                token
+            Some(token) => {
+                let token = token
                     .resolve()
-                    .map_err(|e| format!("ingest.path_token: {e}"))?,
-            ),
+                    .map_err(|e| format!("ingest.path_token: {e}"))?;
+                Some(Sha256::digest(token.as_bytes()).to_vec())
+            }
             None => None,
         };
         Ok(AccessPolicy {
@@ -108,7 +110,7 @@ impl AccessPolicy {
             .map(str::trim)
             .collect();
         for hop in hops.iter().rev() {
-            match hop.parse::<IpAddr>() {
+            match parse_hop(hop) {
                 Ok(hop) => {
                     addr = hop;
                     if !self.is_trusted_proxy(hop) {
@@ -135,7 +137,10 @@ impl AccessPolicy {
         }
         if let Some(token) = &self.path_token {
             let given = path_rest.strip_prefix('/').unwrap_or("");
-            if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            // Digests have one length: the compare reveals not even the
+            // token's length.
+            let given = Sha256::digest(given.as_bytes());
+            if !bool::from(given.as_slice().ct_eq(token.as_slice())) {
                 return Err(Denied::Unauthorized);
             }
         }
@@ -150,6 +155,13 @@ impl AccessPolicy {
         }
         Ok(())
     }
+}
+
+/// One `X-Forwarded-For` hop: an address, possibly with a port
+/// (`203.0.113.7:5678`, `[2001:db8::7]:443`), as some balancers write it.
+fn parse_hop(hop: &str) -> Result<IpAddr, std::net::AddrParseError> {
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|addr| addr.ip()))
 }
 
 #[cfg(test)]
@@ -203,6 +215,19 @@ mod tests {
         let headers = xff("203.0.113.5");
         let client = p.client_addr(&connection("10.2.2.2"), &headers);
         assert_eq!(p.check(client, &headers, ""), Ok(()));
+    }
+
+    #[test]
+    fn forwarded_hops_with_ports() {
+        let p = policy(&["203.0.113.0/24"], &["10.0.0.0/8"]);
+        for (value, expected) in [
+            ("203.0.113.9:5678", "203.0.113.9"),
+            ("[2001:db8::7]:443", "2001:db8::7"),
+            ("203.0.113.9:5678, 10.1.1.1:80", "203.0.113.9"),
+        ] {
+            let client = p.client_addr(&connection("10.2.2.2"), &xff(value));
+            assert_eq!(client, expected.parse::<IpAddr>().unwrap(), "{value}");
+        }
     }
 
     #[test]

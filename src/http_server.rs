@@ -209,11 +209,14 @@ impl Connection {
             let activity = activity.clone();
             service_fn(move |request: Request<Incoming>| {
                 activity.request_started(request.version() == hyper::Version::HTTP_2);
+                // Ends the request on drop too: hyper drops the future of an
+                // HTTP/2 stream the client resets, and a count left behind
+                // would stop the watchdog's clocks for good.
+                let in_flight = InFlight(activity.clone());
                 let response = handler(request, info);
-                let activity = activity.clone();
                 async move {
                     let response = response.await;
-                    activity.request_finished();
+                    drop(in_flight);
                     Ok::<_, Infallible>(response)
                 }
             })
@@ -223,6 +226,9 @@ impl Connection {
             .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         let mut closing = false;
+        // A graceful close waits for the client to read what it asked for;
+        // one that never does is cut after `drain_timeout`.
+        let mut cut_off_at = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         loop {
             let (deadline, clock) =
                 activity.deadline(self.options.idle_timeout, self.options.header_read_timeout);
@@ -238,6 +244,7 @@ impl Connection {
                     Clock::Idle if !closing && activity.expired(Clock::Idle, self.options.idle_timeout) => {
                         connection.as_mut().graceful_shutdown();
                         closing = true;
+                        cut_off_at = Instant::now() + self.options.drain_timeout;
                     }
                     Clock::Headers if activity.expired(Clock::Headers, self.options.header_read_timeout) => {
                         self.count_timeout("headers");
@@ -249,6 +256,11 @@ impl Connection {
                 () = self.shutdown.cancelled(), if !closing => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                    cut_off_at = Instant::now() + self.options.drain_timeout;
+                }
+                () = tokio::time::sleep_until(cut_off_at), if closing => {
+                    tracing::debug!(listener = self.name, peer = %self.peer, "connection still open after its graceful close; cutting it");
+                    return;
                 }
             }
         }
@@ -272,6 +284,15 @@ enum Clock {
     Idle,
     /// Bytes of a request arrived; its headers must follow in time.
     Headers,
+}
+
+/// One request in flight; finishing it (or dropping it) tells the watchdog.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
 }
 
 /// What the watchdog needs to know about a connection; `changed` wakes it

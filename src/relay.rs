@@ -98,6 +98,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let client = build_client().context("cannot load the system's TLS root certificates")?;
     let targets = build_targets(&config, &client);
     let wakers = Wakers::new(targets.iter().map(|t| t.name.as_str()));
+    warn_about_orphaned_jobs(store.as_ref(), &config).await;
     let shutdown = CancellationToken::new();
     let access = AccessPolicy::new(&config.ingest).map_err(anyhow::Error::msg)?;
     if access.allows_everyone() {
@@ -210,6 +211,20 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         tls,
         task: std::sync::Mutex::new(Some(task)),
     })
+}
+
+/// Jobs queued for a target the config no longer has are not delivered (they
+/// stay in the store, untouched): say so loudly at start.
+async fn warn_about_orphaned_jobs(store: &dyn Store, config: &Config) {
+    let Ok(stats) = store.stats().await else {
+        return;
+    };
+    for stat in stats {
+        if stat.pending > 0 && !config.targets.contains_key(&stat.target) {
+            tracing::error!(target = %stat.target, pending = stat.pending,
+                "deliveries are queued for a target that is not in the config; they wait until it is configured again");
+        }
+    }
 }
 
 /// Keeps `relay_queue_pending` and `relay_dead_letters` close to the store's

@@ -483,3 +483,40 @@ async fn sighup_reloads_the_tls_certificate() {
     .await
     .expect("the SIGHUP test ends within 60 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_removed_target_are_kept_and_reported_at_start() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let addr = dead_addr().await;
+        let store = TestStore::new();
+        let old = store.write_config(&format!(
+            "targets:\n  legacy: {{url: \"http://{addr}/x\"}}\nroutes:\n  - targets: [legacy]\n"
+        ));
+        let relay = RelayProcess::spawn(&old).await;
+        let (status, _) = post(
+            &relay.url,
+            Some("text/xml"),
+            mo_xml("ORPHAN-1", "all", "28444"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let (exit, _) = tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+        assert!(exit.success());
+        // The target is renamed: its queued job stays, and the start says so.
+        let renamed = store.write_config(&format!(
+            "targets:\n  inbox: {{url: \"http://{addr}/x\"}}\nroutes:\n  - targets: [inbox]\n"
+        ));
+        let relay = RelayProcess::spawn(&renamed).await;
+        let log = relay.log();
+        assert!(
+            log.contains("not in the config") && log.contains("legacy"),
+            "{log}"
+        );
+        let (exit, _) = tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+        assert!(exit.success());
+        let kept = store.query_int("SELECT COUNT(*) FROM jobs WHERE target = 'legacy'");
+        assert_eq!(kept, 1, "the job of the removed target is kept");
+    })
+    .await
+    .expect("within 60 s");
+}

@@ -182,7 +182,13 @@ impl SqliteStore {
                 "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES};"
             ))
             .map_err(db_error)?;
-        let checkpointer = Checkpointer::start(open_connection(&options.path, &options)?)?;
+        let checkpointer_conn = open_connection(&options.path, &options)?;
+        // A checkpoint that must wait for readers gives up quickly instead of
+        // holding the WAL lock the writer's next commit needs.
+        checkpointer_conn
+            .busy_timeout(CHECKPOINT_BUSY_TIMEOUT)
+            .map_err(db_error)?;
+        let checkpointer = Checkpointer::start(checkpointer_conn)?;
         let worker = Writer {
             conn: writer,
             sync: options.sync.into(),
@@ -295,6 +301,7 @@ impl Store for SqliteStore {
     /// already allocated, which would make readiness flap.
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+            && !self.commands.is_closed()
             && self
                 .free_bytes()
                 .is_none_or(|free| free >= self.min_free_bytes)
@@ -463,7 +470,11 @@ impl Writer {
             if let Some(reply) = close {
                 receiver.close();
                 while let Ok(command) = receiver.try_recv() {
-                    batch.push(command);
+                    match command {
+                        // A second close: answered once this one is done.
+                        Command::Close(again) => drop(again.send(Ok(()))),
+                        other => batch.push(other),
+                    }
                 }
                 let rest: Vec<Command> = std::mem::take(&mut batch);
                 if !rest.is_empty() {
@@ -630,6 +641,8 @@ impl Writer {
 
 /// How often committed WAL frames are copied into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// How long a checkpoint waits for a lock before trying again next time.
+const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_millis(20);
 /// WAL length (frames of 4 KiB) past which the checkpointer forces the WAL
 /// to start over, and the size the file is truncated back to afterwards.
 const WAL_RESTART_FRAMES: i64 = 16 * 1024;
