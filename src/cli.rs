@@ -81,6 +81,16 @@ pub enum Command {
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         retry_interval: std::time::Duration,
     },
+    /// Exit 0 if the relay on this config's admin listener is ready, 1 if not:
+    /// for container HEALTHCHECKs and scripts.
+    Health {
+        /// The relay's config file (for `admin_listen`).
+        #[arg(long, short, default_value = "config/relay.yaml")]
+        config: PathBuf,
+        /// Ask `/healthz` (alive) instead of `/readyz` (ready to accept).
+        #[arg(long)]
+        live: bool,
+    },
     /// Inspect and re-ingest bodies the parser refused (works beside a running relay).
     Quarantine {
         /// What to do with the quarantine.
@@ -153,6 +163,9 @@ pub fn main(cli: Cli) -> ExitCode {
         } => with_config(&config, |config| {
             dry_run(&config, content_type.as_deref(), json)
         }),
+        Command::Health { config, live } => {
+            with_config(&config, |config| block_on(health(&config, live)))
+        }
         Command::Quarantine { action } => {
             let path = match &action {
                 QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
@@ -253,6 +266,39 @@ the relay would answer 400 and keep the body in the quarantine"
         println!("delivered to:   {}", decision.targets.join(", "));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `health`: one GET to the admin listener, bounded to 5 s.
+async fn health(config: &Config, live: bool) -> anyhow::Result<ExitCode> {
+    let mut admin = config.admin_listen;
+    if admin.ip().is_unspecified() {
+        // Listening on every address: ask over loopback.
+        admin.set_ip(match admin {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url: hyper::Uri =
+        format!("http://{admin}/{}", if live { "healthz" } else { "readyz" }).parse()?;
+    let client = crate::delivery::build_client()?;
+    let request =
+        hyper::Request::get(url.clone()).body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let answer =
+        tokio::time::timeout(std::time::Duration::from_secs(5), client.request(request)).await;
+    let (healthy, said) = match answer {
+        Ok(Ok(response)) => (
+            response.status() == hyper::StatusCode::OK,
+            response.status().to_string(),
+        ),
+        Ok(Err(err)) => (false, err.to_string()),
+        Err(_) => (false, "no answer within 5 s".to_owned()),
+    };
+    println!("{url}: {said}");
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `simulate`: sends, then prints the summary.
