@@ -390,7 +390,7 @@ pub struct BackoffConfig {
     #[serde(default = "default_backoff_initial")]
     pub initial: HumanDuration,
     /// Cap on any single retry delay the relay chooses; a target's `Retry-After`
-    /// is honoured even when longer (up to `max_age`).
+    /// is honoured even when longer (but never past `max_age`).
     #[serde(default = "default_backoff_max")]
     pub max: HumanDuration,
     /// Growth factor of the delay bound per attempt.

@@ -73,7 +73,7 @@ impl RetryPolicy {
 
     /// What to do after the `attempt`-th failed attempt of a job created
     /// `age` ago. `jitter` is uniform in `[0, 1)`; `retry_after` is the
-    /// target's own request, honoured even beyond `max` (only `max_age` bounds it).
+    /// target's own request, honoured even beyond `max`, never past `max_age`.
     pub fn after_failure(
         &self,
         attempt: u32,
@@ -85,7 +85,9 @@ impl RetryPolicy {
             return Next::GiveUp("max attempts reached");
         }
         let delay = match retry_after {
-            Some(wanted) => wanted,
+            // Honoured as asked, but never past `max_age`: a target asking
+            // for longer still gets its last attempt at the end of the window.
+            Some(wanted) => wanted.min(self.max_age.saturating_sub(age)),
             None => self.delay_bound(attempt).mul_f64(jitter.clamp(0.0, 1.0)),
         };
         if age.saturating_add(delay) > self.max_age {
@@ -199,11 +201,21 @@ mod tests {
         );
         assert_eq!(
             p.after_failure(1, Duration::ZERO, Some(Duration::from_secs(99_999)), 0.0),
-            Next::GiveUp("max age exceeded")
+            Next::RetryIn(Duration::from_secs(24 * 3600)),
+            "a Retry-After past max_age keeps one last attempt at its end"
         );
         assert_eq!(
             p.after_failure(1, Duration::from_secs(1), Some(Duration::MAX), 0.0),
-            Next::GiveUp("max age exceeded")
+            Next::RetryIn(Duration::from_secs(24 * 3600 - 1))
+        );
+        assert_eq!(
+            p.after_failure(
+                2,
+                Duration::from_secs(24 * 3600),
+                Some(Duration::from_secs(5)),
+                0.0
+            ),
+            Next::RetryIn(Duration::ZERO)
         );
     }
 
