@@ -5,9 +5,10 @@
 //! - **Accepts** go to a channel drained by two writer tasks, each holding one
 //!   pooled connection. A writer takes every postback waiting and commits them
 //!   with one statement in one transaction (`BEGIN`, the statement and `COMMIT`
-//!   pipelined: one round trip and one WAL flush per batch, with
-//!   `synchronous_commit` as the server has it — on by default). Callers hear
-//!   "accepted" only after `COMMIT` returned.
+//!   pipelined: one round trip and one WAL flush per batch). The commit waits
+//!   for the WAL flush: if the server's `synchronous_commit` is `off` when the
+//!   store opens, accepts turn it on for their own transaction (and a warning
+//!   is logged). Callers hear "accepted" only after `COMMIT` returned.
 //! - **Dedupe** is a unique key: `INSERT ... ON CONFLICT (key) DO UPDATE` that
 //!   takes the key over only when the stored one is older than the window, and
 //!   returns whose key it is. Two instances racing on one key are serialised by
