@@ -30,7 +30,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the relay until SIGTERM or SIGINT (SIGHUP reloads the TLS certificate).
+    /// Run the relay until SIGTERM or SIGINT (SIGHUP reloads routes, access rules and the TLS certificate).
     Run {
         /// The YAML config file (`RELAY_*` environment variables override it).
         #[arg(long, short, default_value = "config/relay.yaml")]
@@ -153,8 +153,8 @@ pub fn main(cli: Cli) -> ExitCode {
             );
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Run { config } => with_config(&config, |config| {
-            block_on(run(config)).map(|()| ExitCode::SUCCESS)
+        Command::Run { config: path } => with_config(&path, |config| {
+            block_on(run(config, &path)).map(|()| ExitCode::SUCCESS)
         }),
         Command::Route {
             config,
@@ -438,7 +438,9 @@ fn print_quarantine(bodies: &[QuarantinedBody], json: bool) {
 }
 
 /// Starts the relay and stops it gracefully on SIGTERM or SIGINT.
-async fn run(config: Config) -> anyhow::Result<()> {
+/// Starts the relay; SIGHUP re-reads the TLS certificate and `path` (routes
+/// and access rules; see [`crate::relay::RelayHandle::reload_config`]).
+async fn run(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // Installed before anything starts, so a SIGTERM during start-up drains too.
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
@@ -448,10 +450,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let token: CancellationToken = relay.shutdown_token();
     let signals = tokio::spawn({
         let relay = relay.clone();
+        let path = path.to_owned();
         async move {
             loop {
                 tokio::select! {
-                    _ = hangup.recv() => relay.reload(),
+                    _ = hangup.recv() => {
+                        relay.reload();
+                        match Config::load(&path) {
+                            Ok(new) => drop(relay.reload_config(&new)),
+                            Err(err) => relay.reload_failed(&err.to_string()),
+                        }
+                    }
                     _ = terminate.recv() => break,
                     _ = interrupt.recv() => break,
                 }

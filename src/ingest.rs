@@ -23,6 +23,7 @@ use crate::access::{AccessPolicy, ConnectionInfo, Denied};
 use crate::delivery::Wakers;
 use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse};
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::postback::{self, Postback};
 use crate::routing::{Decision, Router};
@@ -41,11 +42,11 @@ pub struct Ingest {
     /// task forever (Sinch itself gives up after 10 s and sends again).
     pub body_read_timeout: Duration,
     /// Allowlist, trusted proxies, credentials.
-    pub access: AccessPolicy,
+    pub access: Arc<Live<AccessPolicy>>,
     /// CloudEvents `source`.
     pub source: String,
     /// Routing table.
-    pub router: Router,
+    pub router: Arc<Live<Router>>,
     /// Durable queue.
     pub store: Arc<dyn Store>,
     /// Counters and histograms.
@@ -84,12 +85,13 @@ impl Ingest {
         let Some(rest) = request.uri().path().strip_prefix(self.path.as_str()) else {
             return error(StatusCode::NOT_FOUND, "not found");
         };
-        if !(rest.is_empty() || self.access.uses_path_token() && rest.starts_with('/')) {
+        let access = self.access.get();
+        if !(rest.is_empty() || access.uses_path_token() && rest.starts_with('/')) {
             return error(StatusCode::NOT_FOUND, "not found");
         }
-        let client = self.access.client_addr(&connection, request.headers());
-        if let Err(denied) = self.access.check(client, request.headers(), rest) {
-            return self.deny(denied, client, &connection);
+        let client = access.client_addr(&connection, request.headers());
+        if let Err(denied) = access.check(client, request.headers(), rest) {
+            return self.deny(denied, client, &connection, &access);
         }
         if request.method() != Method::POST {
             let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "only POST is allowed here");
@@ -198,7 +200,7 @@ impl Ingest {
             body,
             content_type,
             received_at_ms,
-            &self.router,
+            &self.router.get(),
             &self.source,
         );
         let id = new.id.clone();
@@ -273,6 +275,7 @@ impl Ingest {
         denied: Denied,
         client: std::net::IpAddr,
         connection: &ConnectionInfo,
+        access: &AccessPolicy,
     ) -> HttpResponse {
         let (outcome, status, message) = match denied {
             Denied::Forbidden => (
@@ -292,7 +295,7 @@ impl Ingest {
             .inc();
         tracing::warn!(%client, peer = %connection.peer, outcome, "postback refused");
         let mut response = error(status, message);
-        if denied == Denied::Unauthorized && self.access.uses_basic_auth() {
+        if denied == Denied::Unauthorized && access.uses_basic_auth() {
             response.headers_mut().insert(
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"postback-relay\", charset=\"UTF-8\""),

@@ -24,6 +24,7 @@ pub mod delivery;
 pub mod envelope;
 pub mod http_server;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod postback;
 pub mod proxy_protocol;

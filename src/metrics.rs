@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Always 1, labelled with the running version: dashboards and alerts
     /// can tell which build each instance runs.
     pub build_info: IntGaugeVec,
+    /// Config reloads by result (`applied`, `refused`).
+    pub config_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -115,6 +117,14 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "relay_config_reloads_total",
+                "Config reloads (SIGHUP), by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(postbacks_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ingest_duration.clone()),
@@ -125,6 +135,7 @@ impl Metrics {
             Box::new(queue_oldest_age.clone()),
             Box::new(connection_timeouts.clone()),
             Box::new(build_info.clone()),
+            Box::new(config_reloads.clone()),
         ] {
             registry
                 .register(collector)
@@ -147,6 +158,7 @@ impl Metrics {
             queue_oldest_age,
             connection_timeouts,
             build_info,
+            config_reloads,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::delivery::{build_client, build_targets, run_dispatcher, Wakers};
 use crate::http_server::{serve, ServeOptions};
 use crate::ingest::Ingest;
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::store::{self, Role, Store};
@@ -36,7 +37,17 @@ pub struct RelayHandle {
     pub admin_addr: SocketAddr,
     shutdown: CancellationToken,
     tls: Option<Arc<TlsReloader>>,
+    live: LiveConfig,
     task: std::sync::Mutex<Option<JoinHandle<anyhow::Result<()>>>>,
+}
+
+/// What a config reload may replace while the relay runs, and what it is
+/// compared with to report the settings that need a restart.
+struct LiveConfig {
+    started_with: Config,
+    router: Arc<Live<Router>>,
+    access: Arc<Live<AccessPolicy>>,
+    metrics: Metrics,
 }
 
 impl RelayHandle {
@@ -69,6 +80,59 @@ impl RelayHandle {
         }
     }
 
+    /// Applies a new, already validated config: routes and the ingest access
+    /// rules (allowlist, trusted proxies, credentials) take effect for the
+    /// next request; requests in flight and deliveries are not disturbed.
+    /// Refused (and counted) when routes name a target this process does not
+    /// run. Returns the keys that changed but need a restart.
+    pub fn reload_config(&self, new: &Config) -> Result<Vec<&'static str>, String> {
+        let live = &self.live;
+        let outcome = (|| {
+            let running = &live.started_with.targets;
+            for route in &new.routes {
+                if let Some(target) = route.targets.iter().find(|t| !running.contains_key(*t)) {
+                    return Err(format!(
+                        "routes name target `{target}`, which is not running; new targets need a restart"
+                    ));
+                }
+            }
+            let access = AccessPolicy::new(&new.ingest)?;
+            live.router.set(Router::new(new));
+            live.access.set(access);
+            Ok(restart_needed(&live.started_with, new))
+        })();
+        let result = if outcome.is_ok() {
+            "applied"
+        } else {
+            "refused"
+        };
+        live.metrics
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+        match &outcome {
+            Ok(keys) if keys.is_empty() => {
+                tracing::info!("config reloaded: routes and access rules applied")
+            }
+            Ok(keys) => tracing::warn!(needs_restart = %keys.join(","),
+                "config reloaded: routes and access rules applied; other changed settings take effect after a restart"),
+            Err(err) => {
+                tracing::error!(error = %err, "config reload refused; the running config stays")
+            }
+        }
+        outcome
+    }
+
+    /// Counts a reload whose file did not even load (syntax, unknown key).
+    pub fn reload_failed(&self, error: &str) {
+        self.live
+            .metrics
+            .config_reloads
+            .with_label_values(&["refused"])
+            .inc();
+        tracing::error!(error, "config reload refused; the running config stays");
+    }
+
     /// The token that stops the relay when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -95,13 +159,17 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .await
         .with_context(|| format!("cannot open the store ({})", config.store.describe()))?;
     let metrics = Metrics::new();
+    let reload_metrics = metrics.clone();
+    let config_for_reload = config.clone();
     let client = build_client().context("cannot load the system's TLS root certificates")?;
     let targets = build_targets(&config, &client);
     let wakers = Wakers::new(targets.iter().map(|t| t.name.as_str()));
     warn_about_orphaned_jobs(store.as_ref(), &config).await;
     let shutdown = CancellationToken::new();
-    let access = AccessPolicy::new(&config.ingest).map_err(anyhow::Error::msg)?;
-    if access.allows_everyone() {
+    let access = Arc::new(Live::new(
+        AccessPolicy::new(&config.ingest).map_err(anyhow::Error::msg)?,
+    ));
+    if access.get().allows_everyone() {
         tracing::warn!(
             "ingest.allow is empty: any address may post; set it to Sinch's source addresses"
         );
@@ -119,7 +187,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         drain_timeout: DRAIN_TIMEOUT,
         proxy_protocol_from: config.ingest.proxy_protocol.then(|| {
             let access = access.clone();
-            Arc::new(move |peer| access.is_trusted_proxy(peer))
+            Arc::new(move |peer| access.get().is_trusted_proxy(peer))
                 as Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>
         }),
         tls: tls.clone(),
@@ -130,13 +198,14 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         ..ingest_options.clone()
     };
 
+    let router = Arc::new(Live::new(Router::new(&config)));
     let ingest = Arc::new(Ingest {
         path: config.ingest.path.clone(),
         max_body_bytes: config.ingest.max_body_bytes,
         body_read_timeout: config.ingest.body_read_timeout.0,
-        access,
+        access: access.clone(),
         source: config.envelope.source.clone(),
-        router: Router::new(&config),
+        router: router.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
         wakers: wakers.clone(),
@@ -209,8 +278,60 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         admin_addr,
         shutdown,
         tls,
+        live: LiveConfig {
+            started_with: config_for_reload,
+            router,
+            access,
+            metrics: reload_metrics,
+        },
         task: std::sync::Mutex::new(Some(task)),
     })
+}
+
+/// Settings that differ between `old` and `new` but are only read at start.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut keys = Vec::new();
+    let checks: [(&'static str, bool); 9] = [
+        ("listen", old.listen != new.listen),
+        ("admin_listen", old.admin_listen != new.admin_listen),
+        ("tls", differs(&old.tls, &new.tls)),
+        ("store", differs(&old.store, &new.store)),
+        ("envelope", differs(&old.envelope, &new.envelope)),
+        ("delivery", differs(&old.delivery, &new.delivery)),
+        ("targets", differs(&old.targets, &new.targets)),
+        ("ingest.path", old.ingest.path != new.ingest.path),
+        (
+            "ingest (limits and timeouts)",
+            differs(
+                &(
+                    old.ingest.max_body_bytes,
+                    old.ingest.dedupe_window,
+                    old.ingest.idle_timeout,
+                    old.ingest.header_read_timeout,
+                    old.ingest.body_read_timeout,
+                    old.ingest.max_connections,
+                    old.ingest.proxy_protocol,
+                ),
+                &(
+                    new.ingest.max_body_bytes,
+                    new.ingest.dedupe_window,
+                    new.ingest.idle_timeout,
+                    new.ingest.header_read_timeout,
+                    new.ingest.body_read_timeout,
+                    new.ingest.max_connections,
+                    new.ingest.proxy_protocol,
+                ),
+            ),
+        ),
+    ];
+    for (key, changed) in checks {
+        if changed {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 /// Jobs queued for a target the config no longer has are not delivered (they

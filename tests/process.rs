@@ -520,3 +520,53 @@ async fn jobs_of_a_removed_target_are_kept_and_reported_at_start() {
     .await
     .expect("within 60 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_routes_and_refuses_a_broken_file() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let sink = Sink::start().await;
+        let store = TestStore::new();
+        let targets = format!(
+            "targets:\n  a: {{url: \"{}\"}}\n  b: {{url: \"{}\"}}\n",
+            sink.url("/a"),
+            sink.url("/b")
+        );
+        let config = store.write_config(&format!("{targets}routes:\n  - targets: [a]\n"));
+        let relay = RelayProcess::spawn(&config).await;
+        let wait_log = |needle: &'static str| {
+            let relay = &relay;
+            async move {
+                eventually(Duration::from_secs(10), needle, || async move {
+                    relay.log().contains(needle).then_some(())
+                })
+                .await
+            }
+        };
+        // A broken file: refused, the relay keeps serving with its routes.
+        std::fs::write(&config, "routes: [this is not a route]\n").unwrap();
+        relay.signal("HUP");
+        wait_log("config reload refused").await;
+        let (status, _) = post(&relay.url, None, mo_xml("HUP-R1", "all", "28444")).await;
+        assert_eq!(status, 200);
+        sink.wait_for("/a", 1, Duration::from_secs(10)).await;
+        // A good one: applied to the next postback.
+        store.write_config(&format!("{targets}routes:\n  - targets: [b]\n"));
+        relay.signal("HUP");
+        wait_log("config reloaded").await;
+        let (status, _) = post(&relay.url, None, mo_xml("HUP-R2", "all", "28444")).await;
+        assert_eq!(status, 200);
+        let got = sink.wait_for("/b", 1, Duration::from_secs(10)).await;
+        assert_eq!(got[0].json()["data"]["tracking_id"], "HUP-R2");
+        assert_eq!(
+            relay
+                .metric(r#"relay_config_reloads_total{result="refused"}"#)
+                .await,
+            Some(1.0)
+        );
+        let (exit, lines) =
+            tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+        assert!(exit.success(), "{}", lines.join("\n"));
+    })
+    .await
+    .expect("within 60 s");
+}

@@ -1,0 +1,89 @@
+//! Config reload: routes and access rules change while the relay runs;
+//! a config that cannot be applied is refused and the running one stays.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use postback_relay::config::Config;
+
+const TARGETS: &str = "targets:\n  a: {url: \"URL_A\"}\n  b: {url: \"URL_B\"}\n";
+
+fn load(relay: &TestRelay, name: &str, rest: &str) -> Config {
+    let path = relay.store.path().join(name);
+    std::fs::write(&path, relay.store.config_yaml(rest)).unwrap();
+    Config::load(&path).expect("valid config")
+}
+
+#[tokio::test]
+async fn routes_and_the_allowlist_change_without_a_restart() {
+    let sink = Sink::start().await;
+    let targets = TARGETS
+        .replace("URL_A", &sink.url("/a"))
+        .replace("URL_B", &sink.url("/b"));
+    let relay = start_relay(&format!(
+        "{targets}routes:\n  - match: {{keyword: stop}}\n    targets: [a]\n"
+    ))
+    .await;
+    let handle = relay.handle.as_ref().unwrap();
+
+    // Before: "hello" matches no route.
+    let (status, _) = post(&relay.url, None, mo_xml("R-1", "hello", "28444")).await;
+    assert_eq!(status, 200);
+
+    // Everything to b from now on.
+    let new = load(
+        &relay,
+        "v2.yaml",
+        &format!("{targets}routes:\n  - targets: [b]\n"),
+    );
+    assert_eq!(handle.reload_config(&new), Ok(vec![]));
+    let (status, _) = post(&relay.url, None, mo_xml("R-2", "hello", "28444")).await;
+    assert_eq!(status, 200);
+    let got = sink.wait_for("/b", 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].json()["data"]["tracking_id"], "R-2");
+    assert!(sink.received_on("/a").is_empty());
+
+    // A route naming a target this process does not run is refused: b stays.
+    let refused = load(
+        &relay,
+        "v3.yaml",
+        &format!(
+            "{targets}  c: {{url: \"{}\"}}\nroutes:\n  - targets: [c]\n",
+            sink.url("/c")
+        ),
+    );
+    let err = handle.reload_config(&refused).unwrap_err();
+    assert!(err.contains("`c`") && err.contains("restart"), "{err}");
+    let (status, _) = post(&relay.url, None, mo_xml("R-3", "hello", "28444")).await;
+    assert_eq!(status, 200);
+    sink.wait_for("/b", 2, Duration::from_secs(10)).await;
+    assert!(sink.received_on("/c").is_empty());
+
+    // The allowlist applies to the next request; other changes are reported.
+    let locked = load(
+        &relay,
+        "v4.yaml",
+        &format!(
+            "{targets}routes:\n  - targets: [b]\ningest:\n  allow: [203.0.113.0/24]\ndelivery:\n  timeout: 3s\n"
+        ),
+    );
+    assert_eq!(handle.reload_config(&locked), Ok(vec!["delivery"]));
+    let (status, _) = post(&relay.url, None, mo_xml("R-4", "hello", "28444")).await;
+    assert_eq!(status, 403);
+
+    assert_eq!(
+        relay
+            .metric(r#"relay_config_reloads_total{result="applied"}"#)
+            .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        relay
+            .metric(r#"relay_config_reloads_total{result="refused"}"#)
+            .await,
+        Some(1.0)
+    );
+    relay.shutdown().await;
+}
