@@ -58,29 +58,7 @@ pub enum Command {
     /// Behave like the aggregator: send sample postbacks (or the given
     /// files) serially over one keep-alive connection, retry failures like
     /// Sinch does, and print a summary. Exit 1 if any postback was given up.
-    Simulate {
-        /// The postback URL, as given to Sinch.
-        #[arg(long)]
-        url: hyper::Uri,
-        /// Postbacks to send.
-        #[arg(long, default_value_t = 10)]
-        count: usize,
-        /// At most this many requests per second.
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Send the files of this directory (`.xml`, `.json`) instead of samples.
-        #[arg(long)]
-        files: Option<PathBuf>,
-        /// Answer deadline of one request.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
-        /// Retries of a failed postback.
-        #[arg(long, default_value_t = 5)]
-        retries: u32,
-        /// Wait before a retry.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        retry_interval: std::time::Duration,
-    },
+    Simulate(crate::simulate::SimulateOptions),
     /// Exit 0 if the relay on this config's admin listener is ready, 1 if not:
     /// for container HEALTHCHECKs and scripts.
     Health {
@@ -175,23 +153,7 @@ pub fn main(cli: Cli) -> ExitCode {
             with_config(&path, |config| block_on(quarantine(config, action)))
         }
         // The only command that needs no config: it talks to a URL.
-        Command::Simulate {
-            url,
-            count,
-            rate,
-            files,
-            timeout,
-            retries,
-            retry_interval,
-        } => block_on(simulate(crate::simulate::SimulateOptions {
-            url,
-            count,
-            rate,
-            files,
-            timeout,
-            retries,
-            retry_interval,
-        })),
+        Command::Simulate(options) => block_on(simulate(options)),
     };
     outcome.unwrap_or_else(|err| {
         tracing::error!("{err:#}");

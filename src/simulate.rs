@@ -15,22 +15,29 @@ use hyper::{Request, Uri};
 
 use crate::delivery::build_client;
 
-/// What to send and how.
-#[derive(Debug, Clone)]
+/// What to send and how (the `simulate` command's flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct SimulateOptions {
-    /// The postback URL given to Sinch.
+    /// The postback URL, as given to Sinch.
+    #[arg(long)]
     pub url: Uri,
     /// Postbacks to send (cycling through the samples or files).
+    #[arg(long, default_value_t = 10)]
     pub count: usize,
-    /// At most this many requests per second (None: as fast as answered).
+    /// At most this many requests per second (default: as fast as answered).
+    #[arg(long)]
     pub rate: Option<f64>,
-    /// Send these files instead of the built-in samples (`.xml`, `.json`).
+    /// Send the files of this directory (`.xml`, `.json`) instead of samples.
+    #[arg(long)]
     pub files: Option<PathBuf>,
     /// Answer deadline of one request (Sinch: 10 s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     /// Retries of a failed postback (Sinch: 5).
+    #[arg(long, default_value_t = 5)]
     pub retries: u32,
     /// Wait before a retry (Sinch: about 5 minutes).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub retry_interval: Duration,
 }
 

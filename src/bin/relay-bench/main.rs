@@ -1279,28 +1279,30 @@ fn render(s: &Settings, paired: &[Paired], s5: Option<&Value>, s2_rss: &[f64]) -
         let sum = summarize(p);
         let lat = |v: &[f64; 4], i: usize| num(v[i], 3);
         let _ = writeln!(t, "{:<4} {} ({})", p.id, p.title, p.unit);
-        let _ = writeln!(
-            t,
-            "{:<4} {:<46} {:>12} {:>9} {:>9} {:>9} {:>7}",
-            "",
-            format!("relay: {}", p.relay_label),
-            num(sum.relay[0], 0),
-            lat(&sum.relay, 1),
-            lat(&sum.relay, 2),
-            lat(&sum.relay, 3),
-            sum.errors.0
-        );
-        let _ = writeln!(
-            t,
-            "{:<4} {:<46} {:>12} {:>9} {:>9} {:>9} {:>7}",
-            "",
-            format!("baseline: {}", p.baseline_label),
-            num(sum.baseline[0], 0),
-            lat(&sum.baseline, 1),
-            lat(&sum.baseline, 2),
-            lat(&sum.baseline, 3),
-            sum.errors.1
-        );
+        for (label, values, errors) in [
+            (
+                format!("relay: {}", p.relay_label),
+                &sum.relay,
+                sum.errors.0,
+            ),
+            (
+                format!("baseline: {}", p.baseline_label),
+                &sum.baseline,
+                sum.errors.1,
+            ),
+        ] {
+            let _ = writeln!(
+                t,
+                "{:<4} {:<46} {:>12} {:>9} {:>9} {:>9} {:>7}",
+                "",
+                label,
+                num(values[0], 0),
+                lat(values, 1),
+                lat(values, 2),
+                lat(values, 3),
+                errors
+            );
+        }
         let target = match (p.target, verdict(p, &sum)) {
             (Some((_, text)), Some(true)) => format!("target {text}: met"),
             (Some((_, text)), Some(false)) => format!("target {text}: NOT met"),
