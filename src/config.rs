@@ -97,6 +97,9 @@ pub struct Config {
     /// Private address for `/metrics`, `/healthz` and `/readyz`; keep it off the internet.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// The admin API on the admin listener; off unless a token is given.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// How postbacks are accepted.
     #[serde(default)]
     pub ingest: IngestConfig,
@@ -191,6 +194,40 @@ pub struct BasicAuthConfig {
     pub username: String,
     /// Where the password comes from (never inline in the file).
     pub password: SecretSource,
+}
+
+/// The admin API (`/api/v1/` on `admin_listen`): dead letters, quarantine,
+/// pauses. It can replay and purge, so it needs a bearer token.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A file holding the bearer token (one line, at least 16 characters);
+    /// without it the admin API is off and only metrics and health are served.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Shortest admin token accepted: a guessable token guards replay and purge.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+impl AdminConfig {
+    /// Reads the token (None: the API is off); the error names the problem.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        let Some(file) = &self.token_file else {
+            return Ok(None);
+        };
+        let token = SecretSource {
+            file: Some(file.clone()),
+            env: None,
+        }
+        .resolve()?;
+        if token.chars().count() < MIN_ADMIN_TOKEN_CHARS || token.contains(char::is_whitespace) {
+            return Err(format!(
+                "the token in {} must be at least {MIN_ADMIN_TOKEN_CHARS} characters without spaces",
+                file.display()
+            ));
+        }
+        Ok(Some(token))
+    }
 }
 
 /// A secret kept out of the config file: read from a file or an environment
@@ -647,6 +684,9 @@ impl Config {
                 "needs `ingest.trusted_proxies`: a PROXY header is only believed from them".into(),
             );
         }
+        self.admin
+            .token()
+            .map_err(|message| ("admin.token_file".to_owned(), message))?;
         if let Some(auth) = &self.ingest.basic_auth {
             if auth.username.is_empty() || auth.username.contains(':') {
                 return fail(
@@ -874,6 +914,7 @@ const ENV_PREFIX: &str = "RELAY_";
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "admin_listen",
+    "admin",
     "tls",
     "ingest",
     "store",

@@ -20,7 +20,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::access::{AccessPolicy, ConnectionInfo, Denied};
-use crate::delivery::Wakers;
+use crate::delivery::fleet::Fleet;
 use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse};
 use crate::live::Live;
@@ -52,7 +52,7 @@ pub struct Ingest {
     /// Counters and histograms.
     pub metrics: Metrics,
     /// Dispatchers to wake after a commit.
-    pub wakers: Wakers,
+    pub fleet: Arc<Fleet>,
 }
 
 /// How a request ended, for the metrics label and the log line.
@@ -220,7 +220,7 @@ impl Ingest {
                     tracing::warn!(id = %id, "no route matched; kept as dead letter \"no route\"");
                 }
                 for target in &decision.targets {
-                    self.wakers.wake(target);
+                    self.fleet.wake(target);
                 }
                 (
                     Outcome::Accepted,

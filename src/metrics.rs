@@ -36,6 +36,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Config reloads by result (`applied`, `refused`).
     pub config_reloads: IntCounterVec,
+    /// 1 while an operator has paused the target (it queues, delivers nothing).
+    pub target_paused: IntGaugeVec,
 }
 
 impl Metrics {
@@ -120,9 +122,17 @@ impl Metrics {
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "relay_config_reloads_total",
-                "Config reloads (SIGHUP), by result.",
+                "Config reloads (SIGHUP or --watch), by result.",
             ),
             &["result"],
+        )
+        .expect("valid metric");
+        let target_paused = IntGaugeVec::new(
+            Opts::new(
+                "relay_target_paused",
+                "1 while the target is paused by an operator (jobs queue, nothing is delivered).",
+            ),
+            &["target"],
         )
         .expect("valid metric");
         for collector in [
@@ -136,6 +146,7 @@ impl Metrics {
             Box::new(connection_timeouts.clone()),
             Box::new(build_info.clone()),
             Box::new(config_reloads.clone()),
+            Box::new(target_paused.clone()),
         ] {
             registry
                 .register(collector)
@@ -159,7 +170,20 @@ impl Metrics {
             connection_timeouts,
             build_info,
             config_reloads,
+            target_paused,
         }
+    }
+
+    /// Shows whether `target` is paused.
+    pub fn set_paused(&self, target: &str, paused: bool) {
+        self.target_paused
+            .with_label_values(&[target])
+            .set(i64::from(paused));
+    }
+
+    /// Drops the per-target series that only a configured target has.
+    pub fn forget_target(&self, target: &str) {
+        let _ = self.target_paused.remove_label_values(&[target]);
     }
 
     /// Sets the queue gauges from the store's figures; targets without jobs

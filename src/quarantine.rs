@@ -31,48 +31,42 @@ pub enum Replayed {
     },
 }
 
-/// Re-ingests the quarantined bodies `select` picks; returns each body's hash
-/// and outcome.
-pub async fn replay(
+/// Re-ingests one quarantined body: when it now parses, it is routed and
+/// committed (or found a duplicate) and leaves the quarantine; when it still
+/// fails, it stays.
+pub async fn replay_body(
     store: &dyn Store,
     router: &Router,
     source: &str,
-    select: impl Fn(&QuarantinedBody) -> bool,
-) -> Result<Vec<(String, Replayed)>, StoreError> {
-    let mut results = Vec::new();
-    for body in store
-        .list_quarantine()
-        .await?
-        .into_iter()
-        .filter(|b| select(b))
-    {
-        let outcome = match postback::parse(&body.body, body.content_type.as_deref()) {
-            Err(err) => Replayed::StillInvalid {
+    body: &QuarantinedBody,
+) -> Result<Replayed, StoreError> {
+    let parsed = match postback::parse(&body.body, body.content_type.as_deref()) {
+        Err(err) => {
+            return Ok(Replayed::StillInvalid {
                 error: err.to_string(),
-            },
-            Ok(parsed) => {
-                let (new, decision) = prepare(
-                    &parsed,
-                    body.body.clone(),
-                    body.content_type.clone(),
-                    body.first_seen_ms,
-                    router,
-                    source,
-                );
-                let id = new.id.clone();
-                let outcome = match store.accept(new).await? {
-                    Acceptance::Accepted => Replayed::Accepted {
-                        id,
-                        targets: decision.targets,
-                    },
-                    Acceptance::Duplicate { original_id } => Replayed::Duplicate { original_id },
-                };
-                // Committed (or already there): the quarantine copy is done with.
-                store.remove_quarantined(&body.body_hash).await?;
-                outcome
-            }
-        };
-        results.push((body.body_hash, outcome));
-    }
-    Ok(results)
+            })
+        }
+        Ok(parsed) => parsed,
+    };
+    let (new, decision) = prepare(
+        &parsed,
+        body.body.clone(),
+        body.content_type.clone(),
+        body.first_seen_ms,
+        router,
+        source,
+    );
+    let id = new.id.clone();
+    let outcome = match store.accept(new).await? {
+        Acceptance::Accepted => Replayed::Accepted {
+            id,
+            targets: decision.targets,
+        },
+        Acceptance::Duplicate { original_id } => Replayed::Duplicate { original_id },
+    };
+    // Committed (or already there): the quarantine copy is done with.
+    store
+        .remove_quarantined(std::slice::from_ref(&body.body_hash))
+        .await?;
+    Ok(outcome)
 }

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::access::AccessPolicy;
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::delivery::{build_client, build_targets, run_dispatcher, Wakers};
+use crate::delivery::build_client;
+use crate::delivery::fleet::{Fleet, TargetChanges, TARGET_REMOVED};
 use crate::http_server::{serve, ServeOptions};
 use crate::ingest::Ingest;
 use crate::live::Live;
@@ -47,6 +48,8 @@ struct LiveConfig {
     started_with: Config,
     router: Arc<Live<Router>>,
     access: Arc<Live<AccessPolicy>>,
+    admin_token: Arc<Live<Option<String>>>,
+    fleet: Arc<Fleet>,
     metrics: Metrics,
 }
 
@@ -80,25 +83,27 @@ impl RelayHandle {
         }
     }
 
-    /// Applies a new, already validated config: routes and the ingest access
-    /// rules (allowlist, trusted proxies, credentials) take effect for the
-    /// next request; requests in flight and deliveries are not disturbed.
-    /// Refused (and counted) when routes name a target this process does not
-    /// run. Returns the keys that changed but need a restart.
+    /// Applies a new, already validated config: targets (new ones start,
+    /// changed ones get a new dispatcher, removed ones are drained and their
+    /// jobs dead-lettered), routes, the ingest access rules (allowlist,
+    /// trusted proxies, credentials) and the admin token take effect for the
+    /// next request; requests and deliveries in flight are not disturbed.
+    /// Returns the keys that changed but need a restart.
     pub fn reload_config(&self, new: &Config) -> Result<Vec<&'static str>, String> {
         let live = &self.live;
         let outcome = (|| {
-            let running = &live.started_with.targets;
-            for route in &new.routes {
-                if let Some(target) = route.targets.iter().find(|t| !running.contains_key(*t)) {
-                    return Err(format!(
-                        "routes name target `{target}`, which is not running; new targets need a restart"
-                    ));
-                }
-            }
             let access = AccessPolicy::new(&new.ingest)?;
+            let admin_token = new
+                .admin
+                .token()
+                .map_err(|err| format!("admin.token_file: {err}"))?;
+            // New targets run before routes may send them jobs; removed ones
+            // drain while the new routes already send them nothing.
+            let changes = live.fleet.apply(new);
             live.router.set(Router::new(new));
             live.access.set(access);
+            live.admin_token.set(admin_token);
+            log_target_changes(&changes);
             Ok(restart_needed(&live.started_with, new))
         })();
         let result = if outcome.is_ok() {
@@ -112,10 +117,10 @@ impl RelayHandle {
             .inc();
         match &outcome {
             Ok(keys) if keys.is_empty() => {
-                tracing::info!("config reloaded: routes and access rules applied")
+                tracing::info!("config reloaded: targets, routes and access rules applied")
             }
             Ok(keys) => tracing::warn!(needs_restart = %keys.join(","),
-                "config reloaded: routes and access rules applied; other changed settings take effect after a restart"),
+                "config reloaded: targets, routes and access rules applied; other changed settings take effect after a restart"),
             Err(err) => {
                 tracing::error!(error = %err, "config reload refused; the running config stays")
             }
@@ -159,12 +164,18 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .await
         .with_context(|| format!("cannot open the store ({})", config.store.describe()))?;
     let metrics = Metrics::new();
-    let reload_metrics = metrics.clone();
     let config_for_reload = config.clone();
     let client = build_client().context("cannot load the system's TLS root certificates")?;
-    let targets = build_targets(&config, &client);
-    let wakers = Wakers::new(targets.iter().map(|t| t.name.as_str()));
-    warn_about_orphaned_jobs(store.as_ref(), &config).await;
+    dead_letter_removed_targets(store.as_ref(), &config).await;
+    let fleet = Arc::new(
+        Fleet::start(&config, store.clone(), metrics.clone(), client)
+            .await
+            .context("cannot read the targets' pauses from the store")?,
+    );
+    let admin_token = Arc::new(Live::new(config.admin.token().map_err(anyhow::Error::msg)?));
+    if admin_token.get().is_none() {
+        tracing::warn!("admin.token_file is not set: the admin API (/api/v1/) is off; the admin listener serves only metrics and health");
+    }
     let shutdown = CancellationToken::new();
     let access = Arc::new(Live::new(
         AccessPolicy::new(&config.ingest).map_err(anyhow::Error::msg)?,
@@ -208,41 +219,35 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         router: router.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
-        wakers: wakers.clone(),
+        fleet: fleet.clone(),
     });
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         store: store.clone(),
+        token: admin_token.clone(),
+        fleet: fleet.clone(),
+        router: router.clone(),
+        source: config.envelope.source.clone(),
     });
 
     tracing::info!(
         ingest = %ingest_addr, admin = %admin_addr, path = %config.ingest.path,
         tls = config.tls.is_some(),
         store = %config.store.describe(),
-        targets = targets.len(), routes = config.routes.len(),
+        targets = config.targets.len(), routes = config.routes.len(),
         "postback-relay listening"
     );
 
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
+        let fleet = fleet.clone();
+        let metrics = metrics.clone();
         async move {
             let deliveries = CancellationToken::new();
-            let dispatchers: Vec<_> = targets
-                .iter()
-                .map(|target| {
-                    tokio::spawn(run_dispatcher(
-                        target.clone(),
-                        store.clone(),
-                        metrics.clone(),
-                        wakers.clone(),
-                        deliveries.clone(),
-                    ))
-                })
-                .collect();
             let gauges = tokio::spawn(refresh_gauges(
                 store.clone(),
                 metrics.clone(),
-                targets.iter().map(|t| t.name.clone()).collect(),
+                fleet.clone(),
                 deliveries.clone(),
             ));
             let ingest_server = serve(
@@ -264,9 +269,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             tokio::join!(ingest_server, admin_server);
             tracing::info!("listeners closed; finishing deliveries in flight");
             deliveries.cancel();
-            for dispatcher in dispatchers {
-                let _ = dispatcher.await;
-            }
+            fleet.shutdown().await;
             let _ = gauges.await;
             store.close().await.context("closing the store")?;
             tracing::info!("stopped cleanly");
@@ -282,7 +285,9 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             started_with: config_for_reload,
             router,
             access,
-            metrics: reload_metrics,
+            admin_token,
+            fleet,
+            metrics,
         },
         task: std::sync::Mutex::new(Some(task)),
     })
@@ -293,14 +298,12 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let mut keys = Vec::new();
-    let checks: [(&'static str, bool); 9] = [
+    let checks: [(&'static str, bool); 7] = [
         ("listen", old.listen != new.listen),
         ("admin_listen", old.admin_listen != new.admin_listen),
         ("tls", differs(&old.tls, &new.tls)),
         ("store", differs(&old.store, &new.store)),
         ("envelope", differs(&old.envelope, &new.envelope)),
-        ("delivery", differs(&old.delivery, &new.delivery)),
-        ("targets", differs(&old.targets, &new.targets)),
         ("ingest.path", old.ingest.path != new.ingest.path),
         (
             "ingest (limits and timeouts)",
@@ -334,26 +337,49 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     keys
 }
 
-/// Jobs queued for a target the config no longer has are not delivered (they
-/// stay in the store, untouched): say so loudly at start.
-async fn warn_about_orphaned_jobs(store: &dyn Store, config: &Config) {
-    let Ok(stats) = store.stats().await else {
-        return;
+/// Jobs queued for a target the config no longer has would wait forever:
+/// they become dead letters ("target removed"), kept for a replay once the
+/// target is configured again — as a reload that removes a target does.
+async fn dead_letter_removed_targets(store: &dyn Store, config: &Config) {
+    let stats = match store.stats().await {
+        Ok(stats) => stats,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot look for jobs of removed targets");
+            return;
+        }
     };
     for stat in stats {
         if stat.pending > 0 && !config.targets.contains_key(&stat.target) {
-            tracing::error!(target = %stat.target, pending = stat.pending,
-                "deliveries are queued for a target that is not in the config; they wait until it is configured again");
+            match store.dead_letter_target(&stat.target, TARGET_REMOVED).await {
+                Ok(moved) => tracing::warn!(target = %stat.target, jobs = moved,
+                    "jobs were queued for a target that is not in the config; kept as dead letters (reason \"target removed\"): replay them once it is back"),
+                Err(err) => tracing::error!(target = %stat.target, error = %err,
+                    "jobs are queued for a target that is not in the config and could not be dead-lettered"),
+            }
         }
     }
 }
 
+/// Says what a reload did to the targets.
+fn log_target_changes(changes: &TargetChanges) {
+    for name in &changes.started {
+        tracing::info!(target = %name, "target added");
+    }
+    for name in &changes.replaced {
+        tracing::info!(target = %name, "target settings changed; attempts in flight finish with the old ones");
+    }
+    for name in &changes.removed {
+        tracing::warn!(target = %name, "target removed; attempts in flight finish, then its queued jobs become dead letters");
+    }
+}
+
 /// Keeps `relay_queue_pending` and `relay_dead_letters` close to the store's
-/// truth, and probes a store that failed so `/readyz` recovers without traffic.
+/// truth, follows pauses made by other instances, and probes a store that
+/// failed so `/readyz` recovers without traffic.
 async fn refresh_gauges(
     store: Arc<dyn Store>,
     metrics: Metrics,
-    targets: Vec<String>,
+    fleet: Arc<Fleet>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -362,8 +388,13 @@ async fn refresh_gauges(
             let _ = store.probe().await;
         }
         match store.stats().await {
-            Ok(stats) => metrics.set_queue(&targets, &stats),
+            Ok(stats) => metrics.set_queue(&fleet.targets(), &stats),
             Err(err) => tracing::warn!(error = %err, "cannot read queue figures"),
+        }
+        let epoch = fleet.pause_epoch();
+        match store.paused_targets().await {
+            Ok(paused) => fleet.sync_pauses(&paused, epoch),
+            Err(err) => tracing::warn!(error = %err, "cannot read the targets' pauses"),
         }
         tokio::select! {
             () = tokio::time::sleep(GAUGE_REFRESH) => {},

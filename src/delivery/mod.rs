@@ -7,22 +7,23 @@
 //! by [`retry::RetryPolicy`], or dead letter. Pending work lives in the store, so
 //! memory stays bounded however long the backlog.
 
+pub mod fleet;
 pub mod retry;
 pub mod signing;
 pub mod sink;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::header::{HeaderName, HeaderValue};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TargetKind};
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Job, JobId, Outcome, Store};
+use fleet::Control;
 use retry::{Next, RetryPolicy, Verdict};
 use signing::SigningKey;
 use sink::{FileSink, HttpClient, HttpSink, Sink};
@@ -65,7 +66,7 @@ impl Target {
 }
 
 /// Builds every target of a validated config.
-pub fn build_targets(config: &Config, client: &HttpClient) -> Vec<Arc<Target>> {
+fn build_targets(config: &Config, client: &HttpClient) -> Vec<Arc<Target>> {
     config
         .targets
         .iter()
@@ -132,43 +133,17 @@ pub fn build_client() -> std::io::Result<HttpClient> {
     )
 }
 
-/// Wake-up signals, one per target: ingest rings after committing new jobs.
-#[derive(Default, Clone)]
-pub struct Wakers(Arc<HashMap<String, Arc<Notify>>>);
-
-impl Wakers {
-    /// One waker per target name.
-    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Wakers {
-        Wakers(Arc::new(
-            names
-                .into_iter()
-                .map(|name| (name.to_owned(), Arc::new(Notify::new())))
-                .collect(),
-        ))
-    }
-
-    /// Tells `target`'s dispatcher that work is waiting.
-    pub fn wake(&self, target: &str) {
-        if let Some(notify) = self.0.get(target) {
-            notify.notify_one();
-        }
-    }
-
-    fn get(&self, target: &str) -> Arc<Notify> {
-        self.0.get(target).cloned().unwrap_or_default()
-    }
-}
-
 /// Drains one target's queue until `shutdown`, then waits for attempts in flight
 /// (each bounded by the target's timeout) so their outcomes are recorded.
-pub async fn run_dispatcher(
+/// While paused it claims nothing; attempts in flight finish.
+async fn run_dispatcher(
     target: Arc<Target>,
     store: Arc<dyn Store>,
     metrics: Metrics,
-    wakers: Wakers,
+    control: Arc<Control>,
     shutdown: CancellationToken,
 ) {
-    let wake = wakers.get(&target.name);
+    let mut paused = control.paused.subscribe();
     let slots = Arc::new(Semaphore::new(target.concurrency));
     let attempts = TaskTracker::new();
     let (outcomes, finished) = tokio::sync::mpsc::unbounded_channel();
@@ -181,6 +156,12 @@ pub async fn run_dispatcher(
         finished,
     ));
     loop {
+        if *paused.borrow_and_update() {
+            tokio::select! {
+                _ = paused.wait_for(|paused| !*paused) => continue,
+                () = shutdown.cancelled() => break,
+            }
+        }
         if slots.available_permits() == 0 {
             tokio::select! {
                 permit = slots.acquire() => drop(permit),
@@ -222,7 +203,7 @@ pub async fn run_dispatcher(
         };
         if jobs.is_empty() {
             tokio::select! {
-                () = wake.notified() => tokio::time::sleep(CLAIM_GATHER).await,
+                () = control.wake.notified() => tokio::time::sleep(CLAIM_GATHER).await,
                 () = tokio::time::sleep(IDLE_POLL) => {},
                 () = shutdown.cancelled() => break,
             }

@@ -211,6 +211,87 @@ pub struct TargetStats {
     pub oldest_pending_ms: Option<i64>,
 }
 
+/// A target's queue in detail, for operators (`GET /api/v1/targets`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetQueue {
+    /// Counts and the oldest pending job, as the gauges show them.
+    pub stats: TargetStats,
+    /// Pending jobs whose attempt time has come (waiting for a slot, or in flight).
+    pub due: u64,
+    /// The error of the most recent failed attempt among its pending jobs.
+    pub last_error: Option<String>,
+}
+
+/// Which dead letters an operator means; every field set narrows the choice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    /// Only this target (`(no route)` included).
+    pub target: Option<String>,
+    /// Only this reason, exactly.
+    pub reason: Option<String>,
+    /// Given up at or after (Unix ms).
+    pub since_ms: Option<i64>,
+    /// Given up at or before (Unix ms).
+    pub until_ms: Option<i64>,
+}
+
+/// Which quarantined bodies an operator means, by last arrival.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuarantineFilter {
+    /// Last seen at or after (Unix ms).
+    pub since_ms: Option<i64>,
+    /// Last seen at or before (Unix ms).
+    pub until_ms: Option<i64>,
+}
+
+/// Where a page of a listing starts and how long it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page<C> {
+    /// The last item of the previous page (exclusive); None: from the start.
+    pub after: Option<C>,
+    /// Items at most.
+    pub limit: usize,
+}
+
+/// Identity of a dead letter.
+pub type DeadLetterId = i64;
+
+/// A given-up delivery, as operators list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its identity in the admin API.
+    pub id: DeadLetterId,
+    /// Envelope id of the postback.
+    pub event_id: String,
+    /// The target it was given up for ([`NO_ROUTE_TARGET`] when none matched).
+    pub target: String,
+    /// Why (`rejected by target`, `max attempts`, `max age`, `no route`, `target removed`).
+    pub reason: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// HTTP status of the last attempt, when there was an answer.
+    pub last_status: Option<u16>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When it was given up.
+    pub dead_at_ms: i64,
+    /// When ingest received the postback.
+    pub received_at_ms: i64,
+}
+
+/// A dead letter with the postback it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterDetail {
+    /// The listing fields.
+    pub letter: DeadLetter,
+    /// CloudEvents JSON.
+    pub envelope: Bytes,
+    /// The body as Sinch sent it.
+    pub raw_body: Bytes,
+    /// Its Content-Type.
+    pub content_type: Option<String>,
+}
+
 /// Why the store could not do what was asked; ingest maps every variant to 503.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -229,10 +310,44 @@ pub trait Store: Send + Sync + 'static {
     async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError>;
     /// Keeps an unparseable body.
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError>;
-    /// Quarantined bodies, oldest first.
-    async fn list_quarantine(&self) -> Result<Vec<QuarantinedBody>, StoreError>;
-    /// Drops one quarantined body (after it was re-ingested); false if absent.
-    async fn remove_quarantined(&self, body_hash: &str) -> Result<bool, StoreError>;
+    /// Quarantined bodies by first arrival (then hash); the page cursor is
+    /// the previous page's last `(first_seen_ms, body_hash)`.
+    async fn list_quarantine(
+        &self,
+        filter: &QuarantineFilter,
+        page: &Page<(i64, String)>,
+    ) -> Result<Vec<QuarantinedBody>, StoreError>;
+    /// One quarantined body.
+    async fn quarantined(&self, body_hash: &str) -> Result<Option<QuarantinedBody>, StoreError>;
+    /// Drops quarantined bodies (re-ingested or purged); returns how many were there.
+    async fn remove_quarantined(&self, body_hashes: &[String]) -> Result<u64, StoreError>;
+    /// Dead letters by id (oldest first); the cursor is the previous page's last id.
+    async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        page: &Page<DeadLetterId>,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+    /// One dead letter with its postback.
+    async fn dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetterDetail>, StoreError>;
+    /// Puts dead letters back in the queue: each one still there leaves the
+    /// dead letters and becomes one fresh job (no attempts, created now, due
+    /// now) per given target (at least one), in one transaction. Returns
+    /// how many moved.
+    async fn requeue_dead_letters(
+        &self,
+        letters: Vec<(DeadLetterId, Vec<String>)>,
+    ) -> Result<u64, StoreError>;
+    /// Deletes dead letters (and bodies nothing needs any more); returns how many.
+    async fn purge_dead_letters(&self, ids: &[DeadLetterId]) -> Result<u64, StoreError>;
+    /// Turns every job of `target` that is not leased into a dead letter with
+    /// `reason` (its target left the config); returns how many.
+    async fn dead_letter_target(&self, target: &str, reason: &str) -> Result<u64, StoreError>;
+    /// Records that `target` is paused (or not) for every instance.
+    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;
+    /// The targets paused now.
+    async fn paused_targets(&self) -> Result<Vec<String>, StoreError>;
+    /// The queue per target in detail (costlier than [`Store::stats`]).
+    async fn queue(&self) -> Result<Vec<TargetQueue>, StoreError>;
     /// Leases up to `limit` due jobs of `target` for `lease`.
     async fn claim(
         &self,

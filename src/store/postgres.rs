@@ -50,8 +50,9 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    now_ms, Acceptance, Job, JobId, NewPostback, Outcome, QuarantineEntry, QuarantinedBody, Store,
-    StoreError, TargetStats, NO_ROUTE_TARGET,
+    now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
+    NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody, Store,
+    StoreError, TargetQueue, TargetStats, NO_ROUTE_TARGET,
 };
 
 /// Connecting to the server, and waiting for a free pooled connection.
@@ -79,7 +80,8 @@ pub const MIN_POOL_SIZE: usize = ACCEPT_WRITERS + 2;
 
 /// The schema, one entry per version; each migrates from the previous one.
 /// Table and column names are those of the SQLite store.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     id           TEXT PRIMARY KEY,
     received_at  BIGINT NOT NULL,
@@ -130,7 +132,17 @@ CREATE TABLE quarantine (
     last_seen    BIGINT NOT NULL,
     seen_count   BIGINT NOT NULL
 );
-"#];
+"#,
+    // Operations (admin API): when a job's last attempt failed, for the
+    // queue's "last error"; pauses that hold across restarts and instances.
+    r#"
+ALTER TABLE jobs ADD COLUMN last_attempt_at BIGINT;
+CREATE TABLE target_pauses (
+    target    TEXT PRIMARY KEY,
+    paused_at BIGINT NOT NULL
+);
+"#,
+];
 
 /// Commits a batch of postbacks: dedupe keys (sorted), then the events whose
 /// key this batch won, their jobs, and a "no route" dead letter for those
@@ -188,7 +200,7 @@ const LOCK_EVENTS_SQL: &str = "SELECT id FROM events WHERE id IN \
      (SELECT event_id FROM jobs WHERE id = ANY($1::bigint[])) ORDER BY id FOR UPDATE";
 const RETRY_SQL: &str = r#"
 UPDATE jobs SET attempts = jobs.attempts + 1, next_at = u.next_at, lease_until = 0,
-    last_status = u.status, last_error = u.error
+    last_status = u.status, last_error = u.error, last_attempt_at = $5
 FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::text[]) AS u(id, next_at, status, error)
 WHERE jobs.id = u.id
 "#;
@@ -218,6 +230,46 @@ SELECT target, SUM(pending)::bigint, SUM(dead)::bigint, MIN(oldest)::bigint FROM
     UNION ALL
     SELECT target, 0::bigint, COUNT(*), NULL::bigint FROM dead_letters GROUP BY target
 ) counts GROUP BY target ORDER BY target
+"#;
+const QUARANTINE_SELECT: &str =
+    "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count FROM quarantine";
+/// Dead letters joined with their postback's receive time; columns 0–8.
+const DEAD_LETTER_SELECT: &str =
+    "SELECT d.id, d.event_id, d.target, d.reason, d.attempts, d.last_status, d.last_error,
+            d.dead_at, e.received_at FROM dead_letters d JOIN events e ON e.id = d.event_id";
+/// Moves dead letters back to the queue: $1 the letters, ($2, $3) one row per
+/// (letter, target) to queue, $4 now. Returns how many letters moved.
+const REQUEUE_SQL: &str = r#"
+WITH taken AS (
+    DELETE FROM dead_letters WHERE id = ANY($1::bigint[]) RETURNING id, event_id
+), queued AS (
+    INSERT INTO jobs (event_id, target, created_at, next_at)
+    SELECT t.event_id, p.target, $4, $4
+    FROM taken t JOIN unnest($2::bigint[], $3::text[]) AS p(id, target) ON p.id = t.id
+    RETURNING 1
+)
+SELECT COUNT(*) FROM taken
+"#;
+const PURGE_SQL: &str = "WITH gone AS (DELETE FROM dead_letters WHERE id = ANY($1::bigint[]) \
+     RETURNING event_id) SELECT event_id FROM gone";
+const LOCK_EVENTS_BY_ID_SQL: &str =
+    "SELECT id FROM events WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE";
+/// Turns the unleased jobs of a target ($1) into dead letters with reason $2.
+const DEAD_LETTER_TARGET_SQL: &str = r#"
+WITH gone AS (
+    DELETE FROM jobs WHERE target = $1 AND lease_until <= $3
+    RETURNING event_id, target, attempts, last_status, last_error
+)
+INSERT INTO dead_letters (event_id, target, reason, attempts, last_status, last_error, dead_at)
+SELECT event_id, target, $2, attempts, last_status, last_error, $3 FROM gone
+"#;
+/// Per target: jobs due or in flight at $1, and the last error of a pending job.
+const QUEUE_DETAIL_SQL: &str = r#"
+SELECT target,
+    COUNT(*) FILTER (WHERE next_at <= $1 OR lease_until > $1),
+    (ARRAY_AGG(last_error ORDER BY last_attempt_at DESC NULLS LAST)
+        FILTER (WHERE last_error IS NOT NULL))[1]
+FROM jobs GROUP BY target
 "#;
 const PRUNE_DEDUPE_SQL: &str = "DELETE FROM dedupe WHERE key IN \
      (SELECT key FROM dedupe WHERE accepted_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
@@ -456,47 +508,274 @@ impl Store for PostgresStore {
             .await
     }
 
-    async fn list_quarantine(&self) -> Result<Vec<QuarantinedBody>, StoreError> {
+    async fn list_quarantine(
+        &self,
+        filter: &QuarantineFilter,
+        page: &Page<(i64, String)>,
+    ) -> Result<Vec<QuarantinedBody>, StoreError> {
+        let (after_seen, after_hash) = page.after.clone().unwrap_or((i64::MIN, String::new()));
+        let limit = page.limit as i64;
         self.shared
             .with_client(false, async |client: &Object| {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "{QUARANTINE_SELECT}
+                         WHERE (first_seen, body_hash) > ($1, $2)
+                           AND ($3::bigint IS NULL OR last_seen >= $3)
+                           AND ($4::bigint IS NULL OR last_seen <= $4)
+                         ORDER BY first_seen, body_hash LIMIT $5"
+                    ))
+                    .await?;
                 let rows = client
                     .query(
-                        "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count
-                         FROM quarantine ORDER BY first_seen, body_hash",
-                        &[],
+                        &statement,
+                        &[
+                            &after_seen,
+                            &after_hash,
+                            &filter.since_ms,
+                            &filter.until_ms,
+                            &limit,
+                        ],
                     )
                     .await?;
-                Ok(rows
-                    .iter()
-                    .map(|row| QuarantinedBody {
-                        body_hash: row.get(0),
-                        body: Bytes::from(row.get::<_, Vec<u8>>(1)),
-                        content_type: row.get(2),
-                        error: row.get(3),
-                        first_seen_ms: row.get(4),
-                        last_seen_ms: row.get(5),
-                        seen_count: row.get::<_, i64>(6).max(0) as u64,
-                    })
-                    .collect())
+                Ok(rows.iter().map(quarantined_body).collect())
             })
             .await
     }
 
-    async fn remove_quarantined(&self, body_hash: &str) -> Result<bool, StoreError> {
+    async fn quarantined(&self, body_hash: &str) -> Result<Option<QuarantinedBody>, StoreError> {
         self.shared
+            .with_client(false, async |client: &Object| {
+                let statement = client
+                    .prepare_cached(&format!("{QUARANTINE_SELECT} WHERE body_hash = $1"))
+                    .await?;
+                let row = client.query_opt(&statement, &[&body_hash]).await?;
+                Ok(row.as_ref().map(quarantined_body))
+            })
+            .await
+    }
+
+    async fn remove_quarantined(&self, body_hashes: &[String]) -> Result<u64, StoreError> {
+        let shared = &self.shared;
+        shared
             .with_client(true, async |client: &Object| {
                 let statement = client
-                    .prepare_cached("DELETE FROM quarantine WHERE body_hash = $1")
+                    .prepare_cached("DELETE FROM quarantine WHERE body_hash = ANY($1::text[])")
                     .await?;
                 in_transaction(
                     client,
-                    self.shared.durable_begin(),
-                    client.execute(&statement, &[&body_hash]),
+                    shared.durable_begin(),
+                    client.execute(&statement, &[&body_hashes]),
                 )
                 .await
-                .map(|deleted| deleted > 0)
             })
             .await
+    }
+
+    async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        page: &Page<DeadLetterId>,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let after = page.after.unwrap_or(0);
+        let limit = page.limit as i64;
+        self.shared
+            .with_client(false, async |client: &Object| {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "{DEAD_LETTER_SELECT}
+                         WHERE d.id > $1 AND ($2::text IS NULL OR d.target = $2)
+                           AND ($3::text IS NULL OR d.reason = $3)
+                           AND ($4::bigint IS NULL OR d.dead_at >= $4)
+                           AND ($5::bigint IS NULL OR d.dead_at <= $5)
+                         ORDER BY d.id LIMIT $6"
+                    ))
+                    .await?;
+                let rows = client
+                    .query(
+                        &statement,
+                        &[
+                            &after,
+                            &filter.target,
+                            &filter.reason,
+                            &filter.since_ms,
+                            &filter.until_ms,
+                            &limit,
+                        ],
+                    )
+                    .await?;
+                Ok(rows.iter().map(dead_letter_row).collect())
+            })
+            .await
+    }
+
+    async fn dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetterDetail>, StoreError> {
+        self.shared
+            .with_client(false, async |client: &Object| {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "{DEAD_LETTER_SELECT}, e.envelope, e.raw_body, e.content_type WHERE d.id = $1"
+                    ))
+                    .await?;
+                let row = client.query_opt(&statement, &[&id]).await?;
+                Ok(row.map(|row| DeadLetterDetail {
+                    letter: dead_letter_row(&row),
+                    envelope: Bytes::from(row.get::<_, Vec<u8>>(9)),
+                    raw_body: Bytes::from(row.get::<_, Vec<u8>>(10)),
+                    content_type: row.get(11),
+                }))
+            })
+            .await
+    }
+
+    async fn requeue_dead_letters(
+        &self,
+        letters: Vec<(DeadLetterId, Vec<String>)>,
+    ) -> Result<u64, StoreError> {
+        let ids: Vec<i64> = letters.iter().map(|(id, _)| *id).collect();
+        let (plan_ids, plan_targets): (Vec<i64>, Vec<String>) = letters
+            .iter()
+            .flat_map(|(id, targets)| targets.iter().map(move |t| (*id, t.clone())))
+            .unzip();
+        let now = now_ms();
+        let shared = &self.shared;
+        shared
+            .with_client(true, async |client: &Object| {
+                let statement = client.prepare_cached(REQUEUE_SQL).await?;
+                let row = in_transaction(
+                    client,
+                    shared.durable_begin(),
+                    client.query_one(&statement, &[&ids, &plan_ids, &plan_targets, &now]),
+                )
+                .await?;
+                Ok(row.get::<_, i64>(0).max(0) as u64)
+            })
+            .await
+    }
+
+    async fn purge_dead_letters(&self, ids: &[DeadLetterId]) -> Result<u64, StoreError> {
+        let shared = &self.shared;
+        let events: Vec<String> = shared
+            .with_client(true, async |client: &Object| {
+                let statement = client.prepare_cached(PURGE_SQL).await?;
+                let rows = in_transaction(
+                    client,
+                    shared.durable_begin(),
+                    client.query(&statement, &[&ids]),
+                )
+                .await?;
+                Ok(rows.iter().map(|row| row.get(0)).collect())
+            })
+            .await?;
+        let purged = events.len() as u64;
+        // Bodies nothing needs any more go, once their events are locked
+        // (as delivery does: whoever finishes last deletes them).
+        let mut events = events;
+        events.sort();
+        events.dedup();
+        shared
+            .with_client(true, async |client: &Object| {
+                let (lock, forget) = futures_util::try_join!(
+                    client.prepare_cached(LOCK_EVENTS_BY_ID_SQL),
+                    client.prepare_cached(FORGET_EVENTS_SQL),
+                )?;
+                step_by_step(client, shared.durable_begin(), async |client: &Object| {
+                    client.query(&lock, &[&events]).await?;
+                    client.execute(&forget, &[&events]).await
+                })
+                .await
+            })
+            .await?;
+        Ok(purged)
+    }
+
+    async fn dead_letter_target(&self, target: &str, reason: &str) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let shared = &self.shared;
+        shared
+            .with_client(true, async |client: &Object| {
+                let statement = client.prepare_cached(DEAD_LETTER_TARGET_SQL).await?;
+                in_transaction(
+                    client,
+                    shared.durable_begin(),
+                    client.execute(&statement, &[&target, &reason, &now]),
+                )
+                .await
+            })
+            .await
+    }
+
+    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError> {
+        let now = now_ms();
+        let shared = &self.shared;
+        shared
+            .with_client(true, async |client: &Object| {
+                if paused {
+                    let statement = client
+                        .prepare_cached(
+                            "INSERT INTO target_pauses (target, paused_at) VALUES ($1, $2) \
+                             ON CONFLICT (target) DO NOTHING",
+                        )
+                        .await?;
+                    in_transaction(
+                        client,
+                        shared.durable_begin(),
+                        client.execute(&statement, &[&target, &now]),
+                    )
+                    .await
+                } else {
+                    let statement = client
+                        .prepare_cached("DELETE FROM target_pauses WHERE target = $1")
+                        .await?;
+                    in_transaction(
+                        client,
+                        shared.durable_begin(),
+                        client.execute(&statement, &[&target]),
+                    )
+                    .await
+                }
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn paused_targets(&self) -> Result<Vec<String>, StoreError> {
+        self.shared
+            .with_client(false, async |client: &Object| {
+                let statement = client
+                    .prepare_cached("SELECT target FROM target_pauses ORDER BY target")
+                    .await?;
+                let rows = client.query(&statement, &[]).await?;
+                Ok(rows.iter().map(|row| row.get(0)).collect())
+            })
+            .await
+    }
+
+    async fn queue(&self) -> Result<Vec<TargetQueue>, StoreError> {
+        let stats = self.stats().await?;
+        let now = now_ms();
+        let details: HashMap<String, (i64, Option<String>)> = self
+            .shared
+            .with_client(false, async |client: &Object| {
+                let statement = client.prepare_cached(QUEUE_DETAIL_SQL).await?;
+                let rows = client.query(&statement, &[&now]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| (row.get(0), (row.get(1), row.get(2))))
+                    .collect())
+            })
+            .await?;
+        Ok(stats
+            .into_iter()
+            .map(|stats| {
+                let (due, last_error) = details.get(&stats.target).cloned().unwrap_or_default();
+                TargetQueue {
+                    due: due.max(0) as u64,
+                    last_error,
+                    stats,
+                }
+            })
+            .collect())
     }
 
     async fn claim(
@@ -983,6 +1262,53 @@ async fn accept_statement(
         .collect())
 }
 
+/// Runs `work` between `begin` and `COMMIT` one statement after another,
+/// for operator writes that need a statement's answer before the next one
+/// (rare: no pipelining). Rolls back when `work` fails.
+async fn step_by_step<T>(
+    client: &Object,
+    begin: &str,
+    work: impl AsyncFnOnce(&Object) -> Result<T, tokio_postgres::Error>,
+) -> Result<T, tokio_postgres::Error> {
+    client.batch_execute(begin).await?;
+    match work(client).await {
+        Ok(value) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(value)
+        }
+        Err(err) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(err)
+        }
+    }
+}
+
+fn quarantined_body(row: &tokio_postgres::Row) -> QuarantinedBody {
+    QuarantinedBody {
+        body_hash: row.get(0),
+        body: Bytes::from(row.get::<_, Vec<u8>>(1)),
+        content_type: row.get(2),
+        error: row.get(3),
+        first_seen_ms: row.get(4),
+        last_seen_ms: row.get(5),
+        seen_count: row.get::<_, i64>(6).max(0) as u64,
+    }
+}
+
+fn dead_letter_row(row: &tokio_postgres::Row) -> DeadLetter {
+    DeadLetter {
+        id: row.get(0),
+        event_id: row.get(1),
+        target: row.get(2),
+        reason: row.get(3),
+        attempts: row.get::<_, i32>(4).max(0) as u32,
+        last_status: row.get::<_, Option<i32>>(5).map(|s| s.clamp(0, 999) as u16),
+        last_error: row.get(6),
+        dead_at_ms: row.get(7),
+        received_at_ms: row.get(8),
+    }
+}
+
 /// Sends `begin`, the statement and `COMMIT` at once (pipelined: one round
 /// trip) and returns the statement's result once `COMMIT` has returned. If the
 /// statement fails, the server turns the `COMMIT` into a rollback.
@@ -1093,11 +1419,12 @@ impl OutcomeBatch {
                 }
             }
         };
-        let retry_params: [&(dyn ToSql + Sync); 4] = [
+        let retry_params: [&(dyn ToSql + Sync); 5] = [
             &self.retry_ids,
             &self.retry_next,
             &self.retry_status,
             &self.retry_error,
+            &now,
         ];
         let dead_params: [&(dyn ToSql + Sync); 5] = [
             &self.dead_ids,

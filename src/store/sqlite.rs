@@ -20,8 +20,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    now_ms, Acceptance, Job, JobId, NewPostback, Outcome, QuarantineEntry, QuarantinedBody, Store,
-    StoreError, TargetStats, NO_ROUTE_TARGET,
+    now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
+    NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody, Store,
+    StoreError, TargetQueue, TargetStats, NO_ROUTE_TARGET,
 };
 use crate::config::SyncMode;
 
@@ -103,6 +104,15 @@ DROP TABLE dedupe;
 ALTER TABLE dedupe_by_key RENAME TO dedupe;
 CREATE INDEX dedupe_age ON dedupe (accepted_at);
 "#,
+    // Operations (admin API): when a job's last attempt failed, for the
+    // queue's "last error"; pauses that hold across restarts.
+    r#"
+ALTER TABLE jobs ADD COLUMN last_attempt_at INTEGER;
+CREATE TABLE target_pauses (
+    target    TEXT PRIMARY KEY,
+    paused_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Options the SQLite store is opened with.
@@ -141,7 +151,8 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Command {
     Accept(NewPostback, Reply<Acceptance>),
     Quarantine(QuarantineEntry, Reply<()>),
-    RemoveQuarantined(String, Reply<bool>),
+    /// An operator's write (admin API, tools): rare, so one generic shape.
+    Maintenance(Box<dyn Maintenance>),
     Claim {
         target: String,
         limit: usize,
@@ -225,7 +236,7 @@ impl SqliteStore {
     /// Runs a query on the read connection, off the async workers.
     async fn read<T: Send + 'static>(
         &self,
-        query: fn(&Connection) -> rusqlite::Result<T>,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
@@ -236,6 +247,15 @@ impl SqliteStore {
         })
         .await
         .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs an operator's write on the writer thread, durably committed.
+    async fn maintain<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(|reply| Command::Maintenance(Box::new(Work { work, reply })))
+            .await
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
@@ -258,14 +278,203 @@ impl Store for SqliteStore {
         self.call(|reply| Command::Quarantine(entry, reply)).await
     }
 
-    async fn list_quarantine(&self) -> Result<Vec<QuarantinedBody>, StoreError> {
-        self.read(read_quarantine).await
+    async fn list_quarantine(
+        &self,
+        filter: &QuarantineFilter,
+        page: &Page<(i64, String)>,
+    ) -> Result<Vec<QuarantinedBody>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.read(move |conn| read_quarantine(conn, &filter, &page))
+            .await
     }
 
-    async fn remove_quarantined(&self, body_hash: &str) -> Result<bool, StoreError> {
+    async fn quarantined(&self, body_hash: &str) -> Result<Option<QuarantinedBody>, StoreError> {
         let hash = body_hash.to_owned();
-        self.call(|reply| Command::RemoveQuarantined(hash, reply))
-            .await
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("{QUARANTINE_SELECT} WHERE body_hash = ?1"))?
+                .query_row([hash], quarantined_body)
+                .optional()
+        })
+        .await
+    }
+
+    async fn remove_quarantined(&self, body_hashes: &[String]) -> Result<u64, StoreError> {
+        let hashes = body_hashes.to_vec();
+        self.maintain(move |conn| {
+            let mut delete = conn.prepare_cached("DELETE FROM quarantine WHERE body_hash = ?1")?;
+            let mut removed = 0;
+            for hash in &hashes {
+                removed += delete.execute([hash])? as u64;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        page: &Page<DeadLetterId>,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "{DEAD_LETTER_SELECT}
+                 WHERE d.id > ?1 AND (?2 IS NULL OR d.target = ?2) AND (?3 IS NULL OR d.reason = ?3)
+                   AND (?4 IS NULL OR d.dead_at >= ?4) AND (?5 IS NULL OR d.dead_at <= ?5)
+                 ORDER BY d.id LIMIT ?6"
+            ))?
+            .query_map(
+                params![
+                    page.after.unwrap_or(0),
+                    filter.target,
+                    filter.reason,
+                    filter.since_ms,
+                    filter.until_ms,
+                    page.limit as i64
+                ],
+                dead_letter_row,
+            )?
+            .collect()
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetterDetail>, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "{DEAD_LETTER_SELECT}, e.envelope, e.raw_body, e.content_type WHERE d.id = ?1"
+            ))?
+            .query_row([id], |row| {
+                Ok(DeadLetterDetail {
+                    letter: dead_letter_row(row)?,
+                    envelope: Bytes::from(row.get::<_, Vec<u8>>(9)?),
+                    raw_body: Bytes::from(row.get::<_, Vec<u8>>(10)?),
+                    content_type: row.get(11)?,
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn requeue_dead_letters(
+        &self,
+        letters: Vec<(DeadLetterId, Vec<String>)>,
+    ) -> Result<u64, StoreError> {
+        self.maintain(move |conn| {
+            let mut take =
+                conn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1 RETURNING event_id")?;
+            let mut insert_job = conn.prepare_cached(
+                "INSERT INTO jobs (event_id, target, created_at, next_at) VALUES (?1, ?2, ?3, ?3)",
+            )?;
+            let now = now_ms();
+            let mut moved = 0;
+            for (id, targets) in &letters {
+                let Some(event_id) = take
+                    .query_row([id], |row| row.get::<_, String>(0))
+                    .optional()?
+                else {
+                    continue; // replayed or purged meanwhile
+                };
+                for target in targets {
+                    insert_job.execute(params![event_id, target, now])?;
+                }
+                moved += 1;
+            }
+            Ok(moved)
+        })
+        .await
+    }
+
+    async fn purge_dead_letters(&self, ids: &[DeadLetterId]) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.maintain(move |conn| {
+            let mut delete =
+                conn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1 RETURNING event_id")?;
+            let mut purged = 0;
+            for id in &ids {
+                if let Some(event_id) = delete
+                    .query_row([id], |row| row.get::<_, String>(0))
+                    .optional()?
+                {
+                    forget_event_if_done(conn, &event_id)?;
+                    purged += 1;
+                }
+            }
+            Ok(purged)
+        })
+        .await
+    }
+
+    async fn dead_letter_target(&self, target: &str, reason: &str) -> Result<u64, StoreError> {
+        let (target, reason) = (target.to_owned(), reason.to_owned());
+        self.maintain(move |conn| {
+            let now = now_ms();
+            conn.prepare_cached(
+                "INSERT INTO dead_letters (event_id, target, reason, attempts, last_status, last_error, dead_at)
+                 SELECT event_id, target, ?2, attempts, last_status, last_error, ?3 FROM jobs
+                 WHERE target = ?1 AND lease_until <= ?3",
+            )?
+            .execute(params![target, reason, now])?;
+            conn.prepare_cached("DELETE FROM jobs WHERE target = ?1 AND lease_until <= ?2")?
+                .execute(params![target, now])
+                .map(|moved| moved as u64)
+        })
+        .await
+    }
+
+    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError> {
+        let target = target.to_owned();
+        self.maintain(move |conn| {
+            if paused {
+                conn.prepare_cached(
+                    "INSERT INTO target_pauses (target, paused_at) VALUES (?1, ?2) ON CONFLICT (target) DO NOTHING",
+                )?
+                .execute(params![target, now_ms()])?;
+            } else {
+                conn.prepare_cached("DELETE FROM target_pauses WHERE target = ?1")?
+                    .execute([target])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn paused_targets(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT target FROM target_pauses ORDER BY target")?
+                .query_map([], |row| row.get(0))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn queue(&self) -> Result<Vec<TargetQueue>, StoreError> {
+        self.read(|conn| {
+            let now = now_ms();
+            let mut due = conn.prepare_cached(
+                "SELECT COUNT(*) FROM jobs WHERE target = ?1 AND (next_at <= ?2 OR lease_until > ?2)",
+            )?;
+            let mut last_error = conn.prepare_cached(
+                "SELECT last_error FROM jobs WHERE target = ?1 AND last_error IS NOT NULL
+                 ORDER BY last_attempt_at DESC LIMIT 1",
+            )?;
+            read_stats(conn)?
+                .into_iter()
+                .map(|stats| {
+                    Ok(TargetQueue {
+                        due: due.query_row(params![stats.target, now], |row| row.get::<_, i64>(0))?
+                            as u64,
+                        last_error: last_error
+                            .query_row([&stats.target], |row| row.get(0))
+                            .optional()?,
+                        stats,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn claim(
@@ -390,23 +599,63 @@ fn read_stats(conn: &Connection) -> rusqlite::Result<Vec<TargetStats>> {
     Ok(counts.into_values().collect())
 }
 
-fn read_quarantine(conn: &Connection) -> rusqlite::Result<Vec<QuarantinedBody>> {
-    let mut statement = conn.prepare_cached(
-        "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count
-         FROM quarantine ORDER BY first_seen, body_hash",
-    )?;
-    let rows = statement.query_map([], |row| {
-        Ok(QuarantinedBody {
-            body_hash: row.get(0)?,
-            body: Bytes::from(row.get::<_, Vec<u8>>(1)?),
-            content_type: row.get(2)?,
-            error: row.get(3)?,
-            first_seen_ms: row.get(4)?,
-            last_seen_ms: row.get(5)?,
-            seen_count: row.get::<_, i64>(6)?.max(0) as u64,
-        })
-    })?;
-    rows.collect()
+const QUARANTINE_SELECT: &str =
+    "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count FROM quarantine";
+
+fn quarantined_body(row: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantinedBody> {
+    Ok(QuarantinedBody {
+        body_hash: row.get(0)?,
+        body: Bytes::from(row.get::<_, Vec<u8>>(1)?),
+        content_type: row.get(2)?,
+        error: row.get(3)?,
+        first_seen_ms: row.get(4)?,
+        last_seen_ms: row.get(5)?,
+        seen_count: row.get::<_, i64>(6)?.max(0) as u64,
+    })
+}
+
+fn read_quarantine(
+    conn: &Connection,
+    filter: &QuarantineFilter,
+    page: &Page<(i64, String)>,
+) -> rusqlite::Result<Vec<QuarantinedBody>> {
+    let (after_seen, after_hash) = page.after.clone().unwrap_or((i64::MIN, String::new()));
+    conn.prepare_cached(&format!(
+        "{QUARANTINE_SELECT}
+         WHERE (first_seen, body_hash) > (?1, ?2)
+           AND (?3 IS NULL OR last_seen >= ?3) AND (?4 IS NULL OR last_seen <= ?4)
+         ORDER BY first_seen, body_hash LIMIT ?5"
+    ))?
+    .query_map(
+        params![
+            after_seen,
+            after_hash,
+            filter.since_ms,
+            filter.until_ms,
+            page.limit as i64
+        ],
+        quarantined_body,
+    )?
+    .collect()
+}
+
+/// Dead letters joined with their postback's receive time; columns 0–8.
+const DEAD_LETTER_SELECT: &str =
+    "SELECT d.id, d.event_id, d.target, d.reason, d.attempts, d.last_status, d.last_error,
+            d.dead_at, e.received_at FROM dead_letters d JOIN events e ON e.id = d.event_id";
+
+fn dead_letter_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: row.get(0)?,
+        event_id: row.get(1)?,
+        target: row.get(2)?,
+        reason: row.get(3)?,
+        attempts: row.get(4)?,
+        last_status: row.get(5)?,
+        last_error: row.get(6)?,
+        dead_at_ms: row.get(7)?,
+        received_at_ms: row.get(8)?,
+    })
 }
 
 fn db_error(err: rusqlite::Error) -> StoreError {
@@ -574,25 +823,6 @@ impl Writer {
 
     /// Runs one command inside a savepoint; its own failure is its own answer.
     fn apply_one(&mut self, command: Command) -> Box<dyn Pending> {
-        fn isolated<T>(
-            conn: &Connection,
-            work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-        ) -> Result<T, StoreError> {
-            run(conn, "SAVEPOINT command").map_err(db_error)?;
-            match work(conn) {
-                Ok(value) => {
-                    run(conn, "RELEASE command").map_err(db_error)?;
-                    Ok(value)
-                }
-                Err(err) => {
-                    if !conn.is_autocommit() {
-                        let _ = run(conn, "ROLLBACK TO command");
-                        let _ = run(conn, "RELEASE command");
-                    }
-                    Err(db_error(err))
-                }
-            }
-        }
         let window = self.dedupe_window_ms;
         let conn = &self.conn;
         match command {
@@ -602,14 +832,7 @@ impl Writer {
             Command::Quarantine(entry, reply) => {
                 Box::new((reply, isolated(conn, |c| quarantine(c, &entry))))
             }
-            Command::RemoveQuarantined(hash, reply) => Box::new((
-                reply,
-                isolated(conn, |c| {
-                    c.prepare_cached("DELETE FROM quarantine WHERE body_hash = ?1")?
-                        .execute([&hash])
-                        .map(|deleted| deleted > 0)
-                }),
-            )),
+            Command::Maintenance(work) => work.apply(conn),
             Command::Claim {
                 target,
                 limit,
@@ -636,6 +859,55 @@ impl Writer {
             )),
             Command::Close(_) => unreachable!("close is handled by the run loop"),
         }
+    }
+}
+
+/// Runs one command's work inside a savepoint, so its failure is its own.
+fn isolated<T>(
+    conn: &Connection,
+    work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    run(conn, "SAVEPOINT command").map_err(db_error)?;
+    match work(conn) {
+        Ok(value) => {
+            run(conn, "RELEASE command").map_err(db_error)?;
+            Ok(value)
+        }
+        Err(err) => {
+            if !conn.is_autocommit() {
+                let _ = run(conn, "ROLLBACK TO command");
+                let _ = run(conn, "RELEASE command");
+            }
+            Err(db_error(err))
+        }
+    }
+}
+
+/// A write whose result type the writer does not need to know.
+trait Maintenance: Send {
+    /// Runs it in the current transaction; the answer waits for the commit.
+    fn apply(self: Box<Self>, conn: &Connection) -> Box<dyn Pending>;
+    /// Answers `err` without running it.
+    fn fail(self: Box<Self>, err: &StoreError);
+}
+
+struct Work<T, F> {
+    work: F,
+    reply: Reply<T>,
+}
+
+impl<T, F> Maintenance for Work<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+{
+    fn apply(self: Box<Self>, conn: &Connection) -> Box<dyn Pending> {
+        let Work { work, reply } = *self;
+        Box::new((reply, isolated(conn, work)))
+    }
+
+    fn fail(self: Box<Self>, err: &StoreError) {
+        let _ = self.reply.send(Err(err.clone()));
     }
 }
 
@@ -721,7 +993,12 @@ fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 impl Command {
     /// Whether ingest answers 200 (or 400) on the strength of this write.
     fn is_acknowledged(&self) -> bool {
-        matches!(self, Command::Accept(..) | Command::Quarantine(..))
+        // An operator's write (a replay, a pause) is committed durably too:
+        // the API answers "done" on the strength of it.
+        matches!(
+            self,
+            Command::Accept(..) | Command::Quarantine(..) | Command::Maintenance(..)
+        )
     }
 }
 
@@ -753,13 +1030,13 @@ impl From<SyncMode> for Sync {
 }
 
 /// Answers a command that cannot run because its batch already failed.
-fn fail(command: Command, err: &StoreError) {
-    let err = Err(err.clone());
+fn fail(command: Command, error: &StoreError) {
+    let err = Err(error.clone());
     match command {
         Command::Accept(_, reply) => drop(reply.send(err.map(|()| Acceptance::Accepted))),
         Command::Quarantine(_, reply) => drop(reply.send(err)),
         Command::Claim { reply, .. } => drop(reply.send(err.map(|()| Vec::new()))),
-        Command::RemoveQuarantined(_, reply) => drop(reply.send(err.map(|()| false))),
+        Command::Maintenance(work) => work.fail(error),
         Command::Complete(_, reply) | Command::Probe(reply) | Command::Close(reply) => {
             drop(reply.send(err))
         }
@@ -889,9 +1166,9 @@ fn complete(conn: &Connection, job: JobId, outcome: &Outcome) -> rusqlite::Resul
         } => {
             conn.prepare_cached(
                 "UPDATE jobs SET attempts = attempts + 1, next_at = ?2, lease_until = 0,
-                     last_status = ?3, last_error = ?4 WHERE id = ?1",
+                     last_status = ?3, last_error = ?4, last_attempt_at = ?5 WHERE id = ?1",
             )?
-            .execute(params![job, next_at_ms, status, error])?;
+            .execute(params![job, next_at_ms, status, error, now_ms()])?;
         }
         Outcome::Dead {
             reason,

@@ -1,0 +1,299 @@
+//! The running dispatchers, one per configured target: started, replaced and
+//! retired as the config is reloaded, paused and resumed by operators.
+//!
+//! A target whose settings change gets a new dispatcher at once; the old one
+//! stops claiming and finishes its attempts in flight (leases keep the two
+//! from taking the same job). A removed target's dispatcher is drained the
+//! same way, then its queued jobs become dead letters ("target removed"), so
+//! nothing is dropped and a replay brings them back once the target returns.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::sink::HttpClient;
+use super::{build_targets, run_dispatcher};
+use crate::config::Config;
+use crate::live::Live;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// Reason recorded on the dead letters of a target that left the config.
+pub const TARGET_REMOVED: &str = "target removed";
+
+/// What ingest and operators tell one target's dispatcher; it outlives a
+/// dispatcher replaced by a reload, so a pause survives the reload.
+pub struct Control {
+    /// Rung when new jobs were committed or replayed.
+    pub(super) wake: Notify,
+    /// True while the target is paused.
+    pub(super) paused: watch::Sender<bool>,
+}
+
+impl Control {
+    fn new(paused: bool) -> Control {
+        Control {
+            wake: Notify::new(),
+            paused: watch::Sender::new(paused),
+        }
+    }
+}
+
+/// One running dispatcher.
+struct Running {
+    /// The target's settings it runs with, to tell whether a reload changed them.
+    settings: String,
+    control: Arc<Control>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// What a reload did to the targets.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TargetChanges {
+    /// Targets that were not running before.
+    pub started: Vec<String>,
+    /// Targets whose settings changed (new dispatcher, old one drained).
+    pub replaced: Vec<String>,
+    /// Targets no longer configured (drained, then their jobs dead-lettered).
+    pub removed: Vec<String>,
+}
+
+/// Why a pause or resume did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// No such target in the running config.
+    #[error("no target `{0}` in the running config")]
+    UnknownTarget(String),
+    /// The store could not record it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The set of running dispatchers.
+pub struct Fleet {
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    client: HttpClient,
+    running: Mutex<BTreeMap<String, Running>>,
+    /// Name → control, read by ingest on every postback without the lock above.
+    controls: Arc<Live<HashMap<String, Arc<Control>>>>,
+    /// Dispatchers being drained after a reload replaced or removed them.
+    retiring: TaskTracker,
+    /// Counts pauses and resumes made here, so a periodic re-read of the
+    /// store's pauses that started before one of them does not undo it.
+    pause_changes: AtomicU64,
+}
+
+impl Fleet {
+    /// Starts a dispatcher for every target of `config`, paused where the
+    /// store says so.
+    pub async fn start(
+        config: &Config,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        client: HttpClient,
+    ) -> Result<Fleet, StoreError> {
+        let paused = store.paused_targets().await?;
+        let fleet = Fleet {
+            store,
+            metrics,
+            client,
+            running: Mutex::new(BTreeMap::new()),
+            controls: Arc::new(Live::new(HashMap::new())),
+            retiring: TaskTracker::new(),
+            pause_changes: AtomicU64::new(0),
+        };
+        fleet.apply(config);
+        fleet.sync_pauses(&paused, 0);
+        Ok(fleet)
+    }
+
+    /// Makes the running dispatchers match `config`'s targets.
+    pub fn apply(&self, config: &Config) -> TargetChanges {
+        let mut changes = TargetChanges::default();
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wanted = BTreeMap::new();
+        let mut retired = Vec::new();
+        for target in build_targets(config, &self.client) {
+            let settings = format!(
+                "{:?} {:?}",
+                config.targets.get(&target.name),
+                config.delivery
+            );
+            let control = match running.remove(&target.name) {
+                Some(old) if old.settings == settings => {
+                    wanted.insert(target.name.clone(), old);
+                    continue;
+                }
+                Some(old) => {
+                    changes.replaced.push(target.name.clone());
+                    let control = old.control.clone();
+                    retired.push((old, None));
+                    control
+                }
+                None => {
+                    changes.started.push(target.name.clone());
+                    Arc::new(Control::new(false))
+                }
+            };
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(run_dispatcher(
+                target.clone(),
+                self.store.clone(),
+                self.metrics.clone(),
+                control.clone(),
+                stop.clone(),
+            ));
+            wanted.insert(
+                target.name.clone(),
+                Running {
+                    settings,
+                    control,
+                    stop,
+                    task,
+                },
+            );
+        }
+        for (name, old) in std::mem::take(&mut *running) {
+            changes.removed.push(name.clone());
+            self.metrics.forget_target(&name);
+            retired.push((old, Some(name)));
+        }
+        *running = wanted;
+        self.controls.set(
+            running
+                .iter()
+                .map(|(name, r)| (name.clone(), r.control.clone()))
+                .collect(),
+        );
+        // After the new set is visible: a retired target's drain checks it.
+        for (old, removed) in retired {
+            self.retire(old, removed);
+        }
+        self.publish_pauses(&running);
+        changes
+    }
+
+    /// Stops `old` claiming and drains it; for a removed target (`removed`),
+    /// then turns its queued jobs into dead letters, unless a later reload
+    /// brought the target back meanwhile.
+    fn retire(&self, old: Running, removed: Option<String>) {
+        old.stop.cancel();
+        let store = self.store.clone();
+        let controls = self.controls.clone();
+        self.retiring.spawn(async move {
+            let _ = old.task.await;
+            let Some(name) = removed else { return };
+            if controls.get().contains_key(&name) {
+                return;
+            }
+            match store.dead_letter_target(&name, TARGET_REMOVED).await {
+                Ok(0) => tracing::info!(target = %name, "target removed; no jobs were queued for it"),
+                Ok(moved) => tracing::warn!(target = %name, jobs = moved,
+                    "target removed; its queued jobs are kept as dead letters (reason \"target removed\"): replay them once it is back"),
+                Err(err) => tracing::error!(target = %name, error = %err,
+                    "target removed, but its queued jobs could not be dead-lettered; they stay queued and are dead-lettered at the next start"),
+            }
+        });
+    }
+
+    /// Tells `target`'s dispatcher that jobs are waiting.
+    pub fn wake(&self, target: &str) {
+        if let Some(control) = self.controls.get().get(target) {
+            control.wake.notify_one();
+        }
+    }
+
+    /// The configured targets' names, in order.
+    pub fn targets(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `target` is paused here (None: not configured).
+    pub fn is_paused(&self, target: &str) -> Option<bool> {
+        self.controls
+            .get()
+            .get(target)
+            .map(|control| *control.paused.borrow())
+    }
+
+    /// Pauses or resumes `target`: recorded in the store first (so it holds
+    /// across restarts and for other instances), then applied here.
+    pub async fn set_paused(&self, target: &str, paused: bool) -> Result<(), PauseError> {
+        if self.is_paused(target).is_none() {
+            return Err(PauseError::UnknownTarget(target.to_owned()));
+        }
+        self.pause_changes.fetch_add(1, Ordering::SeqCst);
+        self.store.set_paused(target, paused).await?;
+        if let Some(control) = self.controls.get().get(target) {
+            control.paused.send_replace(paused);
+            control.wake.notify_one();
+        }
+        self.metrics.set_paused(target, paused);
+        tracing::warn!(
+            target,
+            paused,
+            "{}",
+            if paused {
+                "target paused: jobs queue, nothing is delivered"
+            } else {
+                "target resumed"
+            }
+        );
+        Ok(())
+    }
+
+    /// A marker to pass to [`Fleet::sync_pauses`] with the pauses read after it.
+    pub fn pause_epoch(&self) -> u64 {
+        self.pause_changes.load(Ordering::SeqCst)
+    }
+
+    /// Applies the pauses read from the store (set by any instance), unless
+    /// a pause or resume happened here since `epoch` (the read may predate it).
+    pub fn sync_pauses(&self, paused: &[String], epoch: u64) {
+        if self.pause_epoch() != epoch {
+            return;
+        }
+        for (name, control) in self.controls.get().iter() {
+            let wanted = paused.contains(name);
+            if *control.paused.borrow() != wanted {
+                control.paused.send_replace(wanted);
+                control.wake.notify_one();
+                tracing::warn!(target = %name, paused = wanted, "pause changed by another instance");
+            }
+        }
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish_pauses(&running);
+    }
+
+    fn publish_pauses(&self, running: &BTreeMap<String, Running>) {
+        for (name, r) in running {
+            self.metrics.set_paused(name, *r.control.paused.borrow());
+        }
+    }
+
+    /// Stops every dispatcher and waits until their attempts in flight ended
+    /// and were recorded.
+    pub async fn shutdown(&self) {
+        let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()));
+        for r in running.values() {
+            r.stop.cancel();
+        }
+        for (_, r) in running {
+            let _ = r.task.await;
+        }
+        self.retiring.close();
+        self.retiring.wait().await;
+    }
+}
