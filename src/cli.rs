@@ -11,9 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::quarantine::{replay, Replayed};
 use crate::routing::Router;
-use crate::store::{QuarantinedBody, Role, Store};
 
 /// Receives Sinch postbacks, commits them durably, delivers them to internal webhooks.
 #[derive(Debug, Parser)]
@@ -69,39 +67,6 @@ pub enum Command {
         #[arg(long)]
         live: bool,
     },
-    /// Inspect and re-ingest bodies the parser refused (works beside a running relay).
-    Quarantine {
-        /// What to do with the quarantine.
-        #[command(subcommand)]
-        action: QuarantineAction,
-    },
-}
-
-/// `quarantine` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum QuarantineAction {
-    /// List quarantined bodies with their error.
-    List {
-        /// The relay's config file (for the store's location).
-        #[arg(long, short, default_value = "config/relay.yaml")]
-        config: PathBuf,
-        /// One JSON object per body instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Parse quarantined bodies again; those that now parse are routed,
-    /// committed and delivered like new postbacks, and leave the quarantine.
-    Replay {
-        /// The relay's config file (store location, routes).
-        #[arg(long, short, default_value = "config/relay.yaml")]
-        config: PathBuf,
-        /// Body hashes (or unique prefixes of at least 8 characters) to replay.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        hashes: Vec<String>,
-        /// Replay every quarantined body.
-        #[arg(long)]
-        all: bool,
-    },
 }
 
 /// How log lines look.
@@ -143,14 +108,6 @@ pub fn main(cli: Cli) -> ExitCode {
         }),
         Command::Health { config, live } => {
             with_config(&config, |config| block_on(health(&config, live)))
-        }
-        Command::Quarantine { action } => {
-            let path = match &action {
-                QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
-                    config.clone()
-                }
-            };
-            with_config(&path, |config| block_on(quarantine(config, action)))
         }
         // The only command that needs no config: it talks to a URL.
         Command::Simulate(options) => block_on(simulate(options)),
@@ -300,107 +257,7 @@ fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> an
         .block_on(work)
 }
 
-/// `quarantine list|replay`: opens the store beside running relays (their
-/// leases are left alone) and works on it directly.
-async fn quarantine(config: Config, action: QuarantineAction) -> anyhow::Result<ExitCode> {
-    let opened = crate::store::open(&config, Role::Tool)
-        .await
-        .with_context(|| format!("cannot open the store ({})", config.store.describe()))?;
-    let store: &dyn Store = opened.as_ref();
-    let code = match action {
-        QuarantineAction::List { json, .. } => {
-            let bodies = store.list_quarantine().await?;
-            print_quarantine(&bodies, json);
-            ExitCode::SUCCESS
-        }
-        QuarantineAction::Replay { hashes, all, .. } => {
-            let bodies = store.list_quarantine().await?;
-            let mut chosen = Vec::new();
-            for wanted in &hashes {
-                let matches: Vec<&str> = bodies
-                    .iter()
-                    .map(|b| b.body_hash.as_str())
-                    .filter(|hash| wanted.len() >= 8 && hash.starts_with(wanted.as_str()))
-                    .collect();
-                match matches.as_slice() {
-                    [one] => chosen.push(one.to_string()),
-                    [] => anyhow::bail!("no quarantined body matches `{wanted}` (give at least 8 characters of its hash)"),
-                    _ => anyhow::bail!("`{wanted}` matches {} bodies; give more of the hash", matches.len()),
-                }
-            }
-            let router = Router::new(&config);
-            let results = replay(store, &router, &config.envelope.source, |body| {
-                all || chosen.contains(&body.body_hash)
-            })
-            .await?;
-            let mut still_invalid = 0;
-            for (hash, outcome) in &results {
-                let short = &hash[..12.min(hash.len())];
-                match outcome {
-                    Replayed::Accepted { id, targets } => {
-                        println!("{short}  accepted  id={id} targets={}", targets.join(","))
-                    }
-                    Replayed::Duplicate { original_id } => {
-                        println!("{short}  duplicate of {original_id}; removed from quarantine")
-                    }
-                    Replayed::StillInvalid { error } => {
-                        still_invalid += 1;
-                        println!("{short}  still invalid: {error}")
-                    }
-                }
-            }
-            println!(
-                "{} replayed, {} still invalid (kept)",
-                results.len() - still_invalid,
-                still_invalid
-            );
-            ExitCode::SUCCESS
-        }
-    };
-    store.close().await?;
-    Ok(code)
-}
-
-fn print_quarantine(bodies: &[QuarantinedBody], json: bool) {
-    let time = |ms: i64| {
-        chrono::DateTime::from_timestamp_millis(ms)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-            .unwrap_or_default()
-    };
-    if json {
-        for body in bodies {
-            let line = serde_json::json!({
-                "body_hash": body.body_hash,
-                "error": body.error,
-                "content_type": body.content_type,
-                "first_seen": time(body.first_seen_ms),
-                "last_seen": time(body.last_seen_ms),
-                "seen_count": body.seen_count,
-                "body": String::from_utf8_lossy(&body.body),
-            });
-            println!("{line}");
-        }
-        return;
-    }
-    println!(
-        "{:<12}  {:<20}  {:>5}  {:<24}  ERROR",
-        "HASH", "FIRST SEEN", "SEEN", "CONTENT TYPE"
-    );
-    for body in bodies {
-        let error: String = body.error.chars().take(80).collect();
-        println!(
-            "{:<12}  {:<20}  {:>5}  {:<24}  {error}",
-            &body.body_hash[..12.min(body.body_hash.len())],
-            time(body.first_seen_ms),
-            body.seen_count,
-            body.content_type.as_deref().unwrap_or("-"),
-        );
-    }
-    println!("{} quarantined bodies", bodies.len());
-}
-
-/// Starts the relay and stops it gracefully on SIGTERM or SIGINT.
-/// Starts the relay; SIGHUP re-reads the TLS certificate and `path` (routes
+/// Starts the relay and stops it gracefully on SIGTERM or SIGINT; SIGHUP re-reads the TLS certificate and `path` (routes
 /// and access rules; see [`crate::relay::RelayHandle::reload_config`]).
 async fn run(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
