@@ -278,41 +278,48 @@ fn check_config_accepts_good_files_and_names_the_culprit_in_bad_ones() {
 }
 
 #[test]
-fn the_kubernetes_config_map_holds_a_valid_postgres_config() {
+fn the_kubernetes_config_maps_hold_valid_configs() {
     if skip_unless(
         Backend::Sqlite,
         "config checks are the same for every backend",
     ) {
         return;
     }
-    // The `relay.yaml` block of the ConfigMap, as the pods get it.
-    let manifest = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/kubernetes/configmap.yaml"
-    ))
-    .expect("read the ConfigMap");
-    let yaml: String = manifest
-        .lines()
-        .skip_while(|line| line.trim() != "relay.yaml: |")
-        .skip(1)
-        .take_while(|line| line.is_empty() || line.starts_with("    "))
-        .map(|line| format!("{}\n", line.get(4..).unwrap_or_default()))
-        .collect();
-    assert!(yaml.contains("backend: postgres"), "{yaml}");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("relay.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let output = relay_command(&["check-config", "--config", path.to_str().unwrap()])
-        .env("POSTBACK_RELAY_DB_PASSWORD", "from-the-secret")
-        .output()
-        .expect("run check-config");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.contains("store postgres"), "{stdout}");
+    for (variant, store) in [("postgres", "store postgres"), ("sqlite", "store sqlite")] {
+        // The `relay.yaml` block of the ConfigMap, as the pods get it.
+        let manifest = std::fs::read_to_string(format!(
+            "{}/deploy/kubernetes/{variant}/configmap.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("read the ConfigMap");
+        let yaml: String = manifest
+            .lines()
+            .skip_while(|line| line.trim() != "relay.yaml: |")
+            .skip(1)
+            .take_while(|line| line.is_empty() || line.starts_with("    "))
+            .map(|line| format!("{}\n", line.get(4..).unwrap_or_default()))
+            .collect();
+        assert!(yaml.contains("token_file"), "{variant}: {yaml}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        // What the pod mounts from its Secrets and volumes, here.
+        let token = dir.path().join("token");
+        std::fs::write(&token, "a-token-from-the-secret-0123456789\n").unwrap();
+        let output = relay_command(&["check-config", "--config", path.to_str().unwrap()])
+            .env("POSTBACK_RELAY_DB_PASSWORD", "from-the-secret")
+            .env("RELAY_ADMIN__TOKEN_FILE", &token)
+            .env("RELAY_STORE__PATH", dir.path().join("relay.db"))
+            .output()
+            .expect("run check-config");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{variant}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains(store), "{variant}: {stdout}");
+    }
 }
 
 /// The keys of one JSON object, repeats kept (serde_json's `Value` would

@@ -1,5 +1,5 @@
-//! Config reload: routes and access rules change while the relay runs;
-//! a config that cannot be applied is refused and the running one stays.
+//! Config reload: targets, routes and access rules change while the relay
+//! runs; a config that cannot be applied is refused and the running one stays.
 
 mod common;
 
@@ -45,8 +45,8 @@ async fn routes_and_the_allowlist_change_without_a_restart() {
     assert_eq!(got[0].json()["data"]["tracking_id"], "R-2");
     assert!(sink.received_on("/a").is_empty());
 
-    // A route naming a target this process does not run is refused: b stays.
-    let refused = load(
+    // A new target starts with the reload and gets what its route sends.
+    let with_c = load(
         &relay,
         "v3.yaml",
         &format!(
@@ -54,22 +54,43 @@ async fn routes_and_the_allowlist_change_without_a_restart() {
             sink.url("/c")
         ),
     );
-    let err = handle.reload_config(&refused).unwrap_err();
-    assert!(err.contains("`c`") && err.contains("restart"), "{err}");
+    assert_eq!(handle.reload_config(&with_c), Ok(vec![]));
     let (status, _) = post(&relay.url, None, mo_xml("R-3", "hello", "28444")).await;
     assert_eq!(status, 200);
-    sink.wait_for("/b", 2, Duration::from_secs(10)).await;
-    assert!(sink.received_on("/c").is_empty());
+    let got = sink.wait_for("/c", 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].json()["data"]["tracking_id"], "R-3");
+
+    // A config whose admin token file is missing is refused: c stays.
+    let broken = load(
+        &relay,
+        "v3b.yaml",
+        &format!(
+            "{targets}  c: {{url: \"{}\"}}\nroutes:\n  - targets: [c]\n",
+            sink.url("/c")
+        ),
+    );
+    std::fs::write(relay.store.path().join("token"), "short").unwrap();
+    let mut broken = broken;
+    broken.admin.token_file = Some(relay.store.path().join("token"));
+    let err = handle.reload_config(&broken).unwrap_err();
+    assert!(err.contains("admin.token_file"), "{err}");
+    let (status, _) = post(&relay.url, None, mo_xml("R-3b", "hello", "28444")).await;
+    assert_eq!(status, 200);
+    sink.wait_for("/c", 2, Duration::from_secs(10)).await;
 
     // The allowlist applies to the next request; other changes are reported.
     let locked = load(
         &relay,
         "v4.yaml",
         &format!(
-            "{targets}routes:\n  - targets: [b]\ningest:\n  allow: [203.0.113.0/24]\ndelivery:\n  timeout: 3s\n"
+            "{targets}routes:\n  - targets: [b]\ningest:\n  allow: [203.0.113.0/24]\n  max_body_bytes: 4096\ndelivery:\n  timeout: 3s\n"
         ),
     );
-    assert_eq!(handle.reload_config(&locked), Ok(vec!["delivery"]));
+    // (c left the config: its dispatcher drains; it had nothing queued.)
+    assert_eq!(
+        handle.reload_config(&locked),
+        Ok(vec!["ingest (limits and timeouts)"])
+    );
     let (status, _) = post(&relay.url, None, mo_xml("R-4", "hello", "28444")).await;
     assert_eq!(status, 403);
 
@@ -77,7 +98,7 @@ async fn routes_and_the_allowlist_change_without_a_restart() {
         relay
             .metric(r#"relay_config_reloads_total{result="applied"}"#)
             .await,
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         relay

@@ -88,6 +88,9 @@ pub struct Fleet {
     /// Counts pauses and resumes made here, so a periodic re-read of the
     /// store's pauses that started before one of them does not undo it.
     pause_changes: AtomicU64,
+    /// The stored pauses as last read: a target a reload (re)adds starts
+    /// paused when an operator paused it and nobody resumed it.
+    stored_pauses: Mutex<Vec<String>>,
 }
 
 impl Fleet {
@@ -108,9 +111,9 @@ impl Fleet {
             controls: Arc::new(Live::new(HashMap::new())),
             retiring: TaskTracker::new(),
             pause_changes: AtomicU64::new(0),
+            stored_pauses: Mutex::new(paused),
         };
         fleet.apply(config);
-        fleet.sync_pauses(&paused, 0);
         Ok(fleet)
     }
 
@@ -139,7 +142,12 @@ impl Fleet {
                 }
                 None => {
                     changes.started.push(target.name.clone());
-                    Arc::new(Control::new(false))
+                    let paused = self
+                        .stored_pauses
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&target.name);
+                    Arc::new(Control::new(paused))
                 }
             };
             let stop = CancellationToken::new();
@@ -236,6 +244,13 @@ impl Fleet {
         }
         self.pause_changes.fetch_add(1, Ordering::SeqCst);
         self.store.set_paused(target, paused).await?;
+        {
+            let mut stored = self.stored_pauses.lock().unwrap_or_else(|p| p.into_inner());
+            stored.retain(|name| name != target);
+            if paused {
+                stored.push(target.to_owned());
+            }
+        }
         if let Some(control) = self.controls.get().get(target) {
             control.paused.send_replace(paused);
             control.wake.notify_one();
@@ -265,6 +280,7 @@ impl Fleet {
         if self.pause_epoch() != epoch {
             return;
         }
+        *self.stored_pauses.lock().unwrap_or_else(|p| p.into_inner()) = paused.to_vec();
         for (name, control) in self.controls.get().iter() {
             let wanted = paused.contains(name);
             if *control.paused.borrow() != wanted {

@@ -81,6 +81,15 @@ pub async fn open(config: &Config, role: Role) -> Result<Arc<dyn Store>, StoreEr
     })
 }
 
+/// Columns 0–8 of a dead letter listing (both backends share the schema):
+/// the dead letter and its postback's receive time.
+const DEAD_LETTER_COLUMNS: &str = "d.id, d.event_id, d.target, d.reason, d.attempts, \
+     d.last_status, d.last_error, d.dead_at, e.received_at";
+const DEAD_LETTER_FROM: &str = "FROM dead_letters d JOIN events e ON e.id = d.event_id";
+/// Columns of a quarantined body, in [`QuarantinedBody`]'s order.
+const QUARANTINE_SELECT: &str =
+    "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count FROM quarantine";
+
 /// Label under which dead letters of unrouted postbacks are counted.
 pub const NO_ROUTE_TARGET: &str = "(no route)";
 
@@ -189,7 +198,7 @@ pub enum Outcome {
     },
     /// Give up: keep it as a dead letter.
     Dead {
-        /// Why it was given up (`rejected`, `max attempts`, `max age`, ...).
+        /// Why it was given up (`rejected by target`, `max attempts reached`, `max age exceeded`, ...).
         reason: String,
         /// HTTP status, when there was an answer.
         status: Option<u16>,
@@ -265,7 +274,7 @@ pub struct DeadLetter {
     pub event_id: String,
     /// The target it was given up for ([`NO_ROUTE_TARGET`] when none matched).
     pub target: String,
-    /// Why (`rejected by target`, `max attempts`, `max age`, `no route`, `target removed`).
+    /// Why (`rejected by target`, `max attempts reached`, `max age exceeded`, `no route`, `target removed`).
     pub reason: String,
     /// Attempts made.
     pub attempts: u32,

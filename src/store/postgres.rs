@@ -52,7 +52,8 @@ use tokio_util::sync::CancellationToken;
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
     NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody, Store,
-    StoreError, TargetQueue, TargetStats, NO_ROUTE_TARGET,
+    StoreError, TargetQueue, TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET,
+    QUARANTINE_SELECT,
 };
 
 /// Connecting to the server, and waiting for a free pooled connection.
@@ -231,12 +232,6 @@ SELECT target, SUM(pending)::bigint, SUM(dead)::bigint, MIN(oldest)::bigint FROM
     SELECT target, 0::bigint, COUNT(*), NULL::bigint FROM dead_letters GROUP BY target
 ) counts GROUP BY target ORDER BY target
 "#;
-const QUARANTINE_SELECT: &str =
-    "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count FROM quarantine";
-/// Dead letters joined with their postback's receive time; columns 0–8.
-const DEAD_LETTER_SELECT: &str =
-    "SELECT d.id, d.event_id, d.target, d.reason, d.attempts, d.last_status, d.last_error,
-            d.dead_at, e.received_at FROM dead_letters d JOIN events e ON e.id = d.event_id";
 /// Moves dead letters back to the queue: $1 the letters, ($2, $3) one row per
 /// (letter, target) to queue, $4 now. Returns how many letters moved.
 const REQUEUE_SQL: &str = r#"
@@ -583,7 +578,7 @@ impl Store for PostgresStore {
             .with_client(false, async |client: &Object| {
                 let statement = client
                     .prepare_cached(&format!(
-                        "{DEAD_LETTER_SELECT}
+                        "SELECT {DEAD_LETTER_COLUMNS} {DEAD_LETTER_FROM}
                          WHERE d.id > $1 AND ($2::text IS NULL OR d.target = $2)
                            AND ($3::text IS NULL OR d.reason = $3)
                            AND ($4::bigint IS NULL OR d.dead_at >= $4)
@@ -614,7 +609,7 @@ impl Store for PostgresStore {
             .with_client(false, async |client: &Object| {
                 let statement = client
                     .prepare_cached(&format!(
-                        "{DEAD_LETTER_SELECT}, e.envelope, e.raw_body, e.content_type WHERE d.id = $1"
+                        "SELECT {DEAD_LETTER_COLUMNS}, e.envelope, e.raw_body, e.content_type {DEAD_LETTER_FROM} WHERE d.id = $1"
                     ))
                     .await?;
                 let row = client.query_opt(&statement, &[&id]).await?;

@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
     NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody, Store,
-    StoreError, TargetQueue, TargetStats, NO_ROUTE_TARGET,
+    StoreError, TargetQueue, TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET,
+    QUARANTINE_SELECT,
 };
 use crate::config::SyncMode;
 
@@ -319,7 +320,7 @@ impl Store for SqliteStore {
         let (filter, page) = (filter.clone(), page.clone());
         self.read(move |conn| {
             conn.prepare_cached(&format!(
-                "{DEAD_LETTER_SELECT}
+                "SELECT {DEAD_LETTER_COLUMNS} {DEAD_LETTER_FROM}
                  WHERE d.id > ?1 AND (?2 IS NULL OR d.target = ?2) AND (?3 IS NULL OR d.reason = ?3)
                    AND (?4 IS NULL OR d.dead_at >= ?4) AND (?5 IS NULL OR d.dead_at <= ?5)
                  ORDER BY d.id LIMIT ?6"
@@ -343,7 +344,7 @@ impl Store for SqliteStore {
     async fn dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetterDetail>, StoreError> {
         self.read(move |conn| {
             conn.prepare_cached(&format!(
-                "{DEAD_LETTER_SELECT}, e.envelope, e.raw_body, e.content_type WHERE d.id = ?1"
+                "SELECT {DEAD_LETTER_COLUMNS}, e.envelope, e.raw_body, e.content_type {DEAD_LETTER_FROM} WHERE d.id = ?1"
             ))?
             .query_row([id], |row| {
                 Ok(DeadLetterDetail {
@@ -599,9 +600,6 @@ fn read_stats(conn: &Connection) -> rusqlite::Result<Vec<TargetStats>> {
     Ok(counts.into_values().collect())
 }
 
-const QUARANTINE_SELECT: &str =
-    "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count FROM quarantine";
-
 fn quarantined_body(row: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantinedBody> {
     Ok(QuarantinedBody {
         body_hash: row.get(0)?,
@@ -638,11 +636,6 @@ fn read_quarantine(
     )?
     .collect()
 }
-
-/// Dead letters joined with their postback's receive time; columns 0–8.
-const DEAD_LETTER_SELECT: &str =
-    "SELECT d.id, d.event_id, d.target, d.reason, d.attempts, d.last_status, d.last_error,
-            d.dead_at, e.received_at FROM dead_letters d JOIN events e ON e.id = d.event_id";
 
 fn dead_letter_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
     Ok(DeadLetter {
