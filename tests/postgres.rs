@@ -736,3 +736,71 @@ fn a_relay_whose_database_is_unreachable_does_not_start_and_says_why() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_through_one_instance_holds_for_the_others() {
+    bounded(Duration::from_secs(60), "the shared pause test", async {
+        let db = TestDatabase::create();
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Sink::start().await;
+        let token = dir.path().join("token");
+        std::fs::write(&token, "shared-admin-token-0123456789").unwrap();
+        let rest = format!(
+            "{DELIVERY}admin: {{token_file: {}}}\ntargets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
+            token.display(),
+            sink.url("/inbox")
+        );
+        let mut relays = Vec::new();
+        for name in ["a", "b"] {
+            let path = write(dir.path(), &format!("{name}.yaml"), &instance_config(&db.url, "", &rest));
+            let config = postback_relay::config::Config::load(&path).unwrap();
+            relays.push(postback_relay::relay::start(config).await.unwrap());
+        }
+        let admin = |i: usize| format!("http://{}", relays[i].admin_addr);
+        let paused_on = |i: usize| {
+            let url = format!("{}/metrics", admin(i));
+            async move {
+                let (_, text) = get(&url).await;
+                metric_value(&text, r#"relay_target_paused{target="inbox"}"#)
+            }
+        };
+        let control = |i: usize, action: &'static str| {
+            let url = format!("{}/api/v1/targets/inbox/{action}", admin(i));
+            async move {
+                let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
+                    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+                let request = hyper::Request::post(url)
+                    .header("authorization", "Bearer shared-admin-token-0123456789")
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap();
+                let response = client.request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        };
+
+        control(0, "pause").await;
+        eventually(Duration::from_secs(10), "b sees a's pause", || async {
+            (paused_on(1).await == Some(1.0)).then_some(())
+        })
+        .await;
+        let url_b = format!("http://{}/sinch/postback", relays[1].ingest_addr);
+        for i in 0..3 {
+            let (status, _) = post(&url_b, None, mo_xml(&format!("SP-{i}"), "hi", "28444")).await;
+            assert_eq!(status, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(sink.received_count(), 0, "paused on every instance");
+
+        control(1, "resume").await;
+        eventually(Duration::from_secs(10), "a sees b's resume", || async {
+            (paused_on(0).await == Some(0.0)).then_some(())
+        })
+        .await;
+        sink.wait_for("/inbox", 3, Duration::from_secs(10)).await;
+        for relay in relays {
+            relay.shutdown().await.unwrap();
+        }
+    })
+    .await;
+}
