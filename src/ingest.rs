@@ -20,7 +20,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::access::{AccessPolicy, ConnectionInfo, Denied};
-use crate::delivery::fleet::Fleet;
+use crate::delivery::fleet::{Committed, Fleet};
 use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse};
 use crate::live::Live;
@@ -195,7 +195,7 @@ impl Ingest {
         content_type: Option<String>,
         received_at_ms: i64,
     ) -> (Outcome, HttpResponse) {
-        let (new, decision) = prepare(
+        let (mut new, decision) = prepare(
             &postback,
             body,
             content_type,
@@ -204,6 +204,15 @@ impl Ingest {
             &self.source,
         );
         let id = new.id.clone();
+        // Fresh jobs go to the dispatchers in memory when they have room
+        // (see `delivery::fleet`); the store keeps them leased meanwhile.
+        let handoff = self.fleet.reserve(&decision.targets);
+        new.leased_until_ms = handoff.as_ref().map(|h| h.leased_until_ms);
+        let (envelope, raw_body, content_type) = (
+            new.envelope.clone(),
+            new.raw_body.clone(),
+            new.content_type.clone(),
+        );
         let result = self.store.accept(new).await;
         let log = |outcome: &str, id: &str| {
             tracing::info!(
@@ -214,13 +223,28 @@ impl Ingest {
             );
         };
         match result {
-            Ok(Acceptance::Accepted) => {
+            Ok(Acceptance::Accepted { leased }) => {
                 log("accepted", &id);
                 if decision.targets.is_empty() {
                     tracing::warn!(id = %id, "no route matched; kept as dead letter \"no route\"");
                 }
-                for target in &decision.targets {
-                    self.fleet.wake(target);
+                let handed_over = handoff.is_some_and(|handoff| {
+                    handoff.deliver(
+                        &decision.targets,
+                        &leased,
+                        Committed {
+                            event_id: &id,
+                            created_at_ms: received_at_ms,
+                            envelope: &envelope,
+                            raw_body: &raw_body,
+                            content_type: &content_type,
+                        },
+                    )
+                });
+                if !handed_over {
+                    for target in &decision.targets {
+                        self.fleet.wake(target);
+                    }
                 }
                 (
                     Outcome::Accepted,
@@ -336,6 +360,7 @@ pub fn prepare(
         raw_body: body,
         content_type,
         targets: decision.targets.clone(),
+        leased_until_ms: None,
     };
     (new, decision)
 }

@@ -58,7 +58,7 @@ pub async fn replay_body(
     );
     let id = new.id.clone();
     let outcome = match store.accept(new).await? {
-        Acceptance::Accepted => Replayed::Accepted {
+        Acceptance::Accepted { .. } => Replayed::Accepted {
             id,
             targets: decision.targets,
         },

@@ -589,6 +589,7 @@ fn postback(tracking_id: &str, targets: &[&str]) -> NewPostback {
         raw_body: Bytes::from_static(b"<postback/>"),
         content_type: Some("text/xml".into()),
         targets: targets.iter().map(|t| t.to_string()).collect(),
+        leased_until_ms: None,
     }
 }
 
@@ -628,7 +629,7 @@ async fn a_lease_of_a_dead_instance_runs_out_and_another_takes_the_job() {
     let accepted = postback("lease-1", &["inbox", "archive"]);
     assert_eq!(
         first.accept(accepted.clone()).await.unwrap(),
-        Acceptance::Accepted
+        Acceptance::Accepted { leased: vec![] }
     );
     // A copy through the other instance is a duplicate of the first.
     let mut copy = postback("lease-1", &["inbox", "archive"]);

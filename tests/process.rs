@@ -492,7 +492,7 @@ async fn sighup_reloads_the_tls_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_of_a_removed_target_are_kept_and_reported_at_start() {
+async fn jobs_of_a_target_removed_across_a_restart_become_dead_letters() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let addr = dead_addr().await;
         let store = TestStore::new();
@@ -509,7 +509,8 @@ async fn jobs_of_a_removed_target_are_kept_and_reported_at_start() {
         assert_eq!(status, 200);
         let (exit, _) = tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
         assert!(exit.success());
-        // The target is renamed: its queued job stays, and the start says so.
+        // The target is renamed: its queued job becomes a dead letter
+        // ("target removed", replayable), and the start says so.
         let renamed = store.write_config(&format!(
             "targets:\n  inbox: {{url: \"http://{addr}/x\"}}\nroutes:\n  - targets: [inbox]\n"
         ));
@@ -521,8 +522,19 @@ async fn jobs_of_a_removed_target_are_kept_and_reported_at_start() {
         );
         let (exit, _) = tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
         assert!(exit.success());
-        let kept = store.query_int("SELECT COUNT(*) FROM jobs WHERE target = 'legacy'");
-        assert_eq!(kept, 1, "the job of the removed target is kept");
+        assert_eq!(
+            store.query_int("SELECT COUNT(*) FROM jobs WHERE target = 'legacy'"),
+            0
+        );
+        let kept = store.query_int(
+            "SELECT COUNT(*) FROM dead_letters WHERE target = 'legacy' AND reason = 'target removed'",
+        );
+        assert_eq!(kept, 1, "the job of the removed target is kept as a dead letter");
+        assert_eq!(
+            store.query_int("SELECT COUNT(*) FROM events"),
+            1,
+            "with its postback"
+        );
     })
     .await
     .expect("within 60 s");

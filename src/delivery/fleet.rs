@@ -6,22 +6,32 @@
 //! from taking the same job). A removed target's dispatcher is drained the
 //! same way, then its queued jobs become dead letters ("target removed"), so
 //! nothing is dropped and a replay brings them back once the target returns.
+//!
+//! Fresh jobs take a short cut: ingest reserves room in each routed target's
+//! hand-over queue ([`Fleet::reserve`]), the store inserts the jobs already
+//! leased to this process, and after the commit ingest hands them to the
+//! dispatchers in memory ([`Handoff::deliver`]), so a fresh delivery costs no
+//! claim transaction. Anything that goes wrong on the way (no room, a paused
+//! or unreachable target, a backend that does not lease at insert, a crash)
+//! leaves the jobs in the store, where a claim finds them: at worst once
+//! their lease ran out.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{watch, Notify};
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::sink::HttpClient;
-use super::{build_targets, run_dispatcher};
+use super::{build_targets, run_dispatcher, HotJob};
 use crate::config::Config;
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::store::{now_ms, Job, JobId, Store, StoreError};
 
 /// Reason recorded on the dead letters of a target that left the config.
 pub const TARGET_REMOVED: &str = "target removed";
@@ -33,6 +43,8 @@ pub struct Control {
     pub(super) wake: Notify,
     /// True while the target is paused.
     pub(super) paused: watch::Sender<bool>,
+    /// Whether fresh jobs may be handed over (not paused, answering).
+    takes_hot: AtomicBool,
 }
 
 impl Control {
@@ -40,17 +52,80 @@ impl Control {
         Control {
             wake: Notify::new(),
             paused: watch::Sender::new(paused),
+            takes_hot: AtomicBool::new(false),
         }
     }
+
+    /// Set by the dispatcher: a paused or unreachable target gets no fresh
+    /// jobs in memory (they would wait there, leased, instead of queueing).
+    pub(super) fn set_takes_hot(&self, takes: bool) {
+        self.takes_hot.store(takes, Ordering::Relaxed);
+    }
+}
+
+/// What ingest reaches a running target through.
+struct Inlet {
+    control: Arc<Control>,
+    hot: mpsc::Sender<HotJob>,
+    /// How long a handed-over job stays leased.
+    lease: std::time::Duration,
 }
 
 /// One running dispatcher.
 struct Running {
     /// The target's settings it runs with, to tell whether a reload changed them.
     settings: String,
-    control: Arc<Control>,
+    inlet: Arc<Inlet>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// Room reserved in the hand-over queues of a postback's targets, for the
+/// jobs the store is about to insert leased.
+pub struct Handoff {
+    permits: Vec<mpsc::OwnedPermit<HotJob>>,
+    /// Until when the store leases the jobs.
+    pub leased_until_ms: i64,
+}
+
+/// What a hand-over needs to know about the committed postback.
+pub struct Committed<'a> {
+    /// Envelope id.
+    pub event_id: &'a str,
+    /// When it was received (the jobs' creation time).
+    pub created_at_ms: i64,
+    /// CloudEvents JSON.
+    pub envelope: &'a Bytes,
+    /// The body as Sinch sent it.
+    pub raw_body: &'a Bytes,
+    /// Its Content-Type.
+    pub content_type: &'a Option<String>,
+}
+
+impl Handoff {
+    /// Hands the leased jobs (ids in target order) to their dispatchers.
+    /// False (nothing handed over) when the store did not lease them.
+    pub fn deliver(self, targets: &[String], leased: &[JobId], postback: Committed<'_>) -> bool {
+        if leased.len() != self.permits.len() || targets.len() != leased.len() {
+            return false;
+        }
+        for ((permit, target), id) in self.permits.into_iter().zip(targets).zip(leased) {
+            permit.send(HotJob {
+                job: Job {
+                    id: *id,
+                    event_id: postback.event_id.to_owned(),
+                    target: target.clone(),
+                    attempts: 0,
+                    created_at_ms: postback.created_at_ms,
+                    envelope: postback.envelope.clone(),
+                    raw_body: postback.raw_body.clone(),
+                    content_type: postback.content_type.clone(),
+                },
+                leased_until_ms: self.leased_until_ms,
+            });
+        }
+        true
+    }
 }
 
 /// What a reload did to the targets.
@@ -81,8 +156,8 @@ pub struct Fleet {
     metrics: Metrics,
     client: HttpClient,
     running: Mutex<BTreeMap<String, Running>>,
-    /// Name → control, read by ingest on every postback without the lock above.
-    controls: Arc<Live<HashMap<String, Arc<Control>>>>,
+    /// Name → inlet, read by ingest on every postback without the lock above.
+    inlets: Arc<Live<HashMap<String, Arc<Inlet>>>>,
     /// Dispatchers being drained after a reload replaced or removed them.
     retiring: TaskTracker,
     /// Counts pauses and resumes made here, so a periodic re-read of the
@@ -108,7 +183,7 @@ impl Fleet {
             metrics,
             client,
             running: Mutex::new(BTreeMap::new()),
-            controls: Arc::new(Live::new(HashMap::new())),
+            inlets: Arc::new(Live::new(HashMap::new())),
             retiring: TaskTracker::new(),
             pause_changes: AtomicU64::new(0),
             stored_pauses: Mutex::new(paused),
@@ -136,7 +211,7 @@ impl Fleet {
                 }
                 Some(old) => {
                     changes.replaced.push(target.name.clone());
-                    let control = old.control.clone();
+                    let control = old.inlet.control.clone();
                     retired.push((old, None));
                     control
                 }
@@ -151,18 +226,26 @@ impl Fleet {
                 }
             };
             let stop = CancellationToken::new();
+            // One round of attempts: a handed-over job never waits long.
+            let (hot, hot_receiver) = mpsc::channel(target.concurrency.max(1));
             let task = tokio::spawn(run_dispatcher(
                 target.clone(),
                 self.store.clone(),
                 self.metrics.clone(),
                 control.clone(),
+                hot_receiver,
                 stop.clone(),
             ));
+            let inlet = Arc::new(Inlet {
+                control,
+                hot,
+                lease: target.lease(),
+            });
             wanted.insert(
                 target.name.clone(),
                 Running {
                     settings,
-                    control,
+                    inlet,
                     stop,
                     task,
                 },
@@ -174,10 +257,10 @@ impl Fleet {
             retired.push((old, Some(name)));
         }
         *running = wanted;
-        self.controls.set(
+        self.inlets.set(
             running
                 .iter()
-                .map(|(name, r)| (name.clone(), r.control.clone()))
+                .map(|(name, r)| (name.clone(), r.inlet.clone()))
                 .collect(),
         );
         // After the new set is visible: a retired target's drain checks it.
@@ -194,11 +277,11 @@ impl Fleet {
     fn retire(&self, old: Running, removed: Option<String>) {
         old.stop.cancel();
         let store = self.store.clone();
-        let controls = self.controls.clone();
+        let inlets = self.inlets.clone();
         self.retiring.spawn(async move {
             let _ = old.task.await;
             let Some(name) = removed else { return };
-            if controls.get().contains_key(&name) {
+            if inlets.get().contains_key(&name) {
                 return;
             }
             match store.dead_letter_target(&name, TARGET_REMOVED).await {
@@ -211,11 +294,34 @@ impl Fleet {
         });
     }
 
-    /// Tells `target`'s dispatcher that jobs are waiting.
+    /// Tells `target`'s dispatcher that jobs are waiting in the store.
     pub fn wake(&self, target: &str) {
-        if let Some(control) = self.controls.get().get(target) {
-            control.wake.notify_one();
+        if let Some(inlet) = self.inlets.get().get(target) {
+            inlet.control.wake.notify_one();
         }
+    }
+
+    /// Reserves room to hand a postback's jobs over in memory: one place in
+    /// each target's queue, or nothing (then its jobs are claimed as usual).
+    pub fn reserve(&self, targets: &[String]) -> Option<Handoff> {
+        if targets.is_empty() {
+            return None;
+        }
+        let inlets = self.inlets.get();
+        let mut permits = Vec::with_capacity(targets.len());
+        let mut lease = std::time::Duration::MAX;
+        for target in targets {
+            let inlet = inlets.get(target)?;
+            if !inlet.control.takes_hot.load(Ordering::Relaxed) {
+                return None;
+            }
+            permits.push(inlet.hot.clone().try_reserve_owned().ok()?);
+            lease = lease.min(inlet.lease);
+        }
+        Some(Handoff {
+            permits,
+            leased_until_ms: now_ms() + lease.as_millis() as i64,
+        })
     }
 
     /// The configured targets' names, in order.
@@ -230,10 +336,10 @@ impl Fleet {
 
     /// Whether `target` is paused here (None: not configured).
     pub fn is_paused(&self, target: &str) -> Option<bool> {
-        self.controls
+        self.inlets
             .get()
             .get(target)
-            .map(|control| *control.paused.borrow())
+            .map(|inlet| *inlet.control.paused.borrow())
     }
 
     /// Pauses or resumes `target`: recorded in the store first (so it holds
@@ -251,9 +357,9 @@ impl Fleet {
                 stored.push(target.to_owned());
             }
         }
-        if let Some(control) = self.controls.get().get(target) {
-            control.paused.send_replace(paused);
-            control.wake.notify_one();
+        if let Some(inlet) = self.inlets.get().get(target) {
+            inlet.control.paused.send_replace(paused);
+            inlet.control.wake.notify_one();
         }
         self.metrics.set_paused(target, paused);
         tracing::warn!(
@@ -281,7 +387,8 @@ impl Fleet {
             return;
         }
         *self.stored_pauses.lock().unwrap_or_else(|p| p.into_inner()) = paused.to_vec();
-        for (name, control) in self.controls.get().iter() {
+        for (name, inlet) in self.inlets.get().iter() {
+            let control = &inlet.control;
             let wanted = paused.contains(name);
             if *control.paused.borrow() != wanted {
                 control.paused.send_replace(wanted);
@@ -295,7 +402,8 @@ impl Fleet {
 
     fn publish_pauses(&self, running: &BTreeMap<String, Running>) {
         for (name, r) in running {
-            self.metrics.set_paused(name, *r.control.paused.borrow());
+            self.metrics
+                .set_paused(name, *r.inlet.control.paused.borrow());
         }
     }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::header::{HeaderName, HeaderValue};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -135,18 +135,22 @@ pub fn build_client() -> std::io::Result<HttpClient> {
 
 /// Drains one target's queue until `shutdown`, then waits for attempts in flight
 /// (each bounded by the target's timeout) so their outcomes are recorded.
+/// Fresh jobs come in memory from ingest (`hot`, already leased); the store
+/// is asked for due jobs (retries, replays, jobs no one handed over) when
+/// woken, every [`IDLE_POLL`], and while its last claim came back full.
 /// While paused it claims nothing; attempts in flight finish.
 async fn run_dispatcher(
     target: Arc<Target>,
     store: Arc<dyn Store>,
     metrics: Metrics,
     control: Arc<Control>,
+    mut hot: mpsc::Receiver<HotJob>,
     shutdown: CancellationToken,
 ) {
     let mut paused = control.paused.subscribe();
     let slots = Arc::new(Semaphore::new(target.concurrency));
     let attempts = TaskTracker::new();
-    let (outcomes, finished) = tokio::sync::mpsc::unbounded_channel();
+    let (outcomes, finished) = mpsc::unbounded_channel();
     // Attempts in a row that got no answer at all (refused, timed out): a
     // target that is down is paused rather than hammered job after job.
     let unanswered = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -155,6 +159,9 @@ async fn run_dispatcher(
         target.name.clone(),
         finished,
     ));
+    // Whether the store may hold due jobs: at start, after a wake-up or a
+    // poll interval, and while claims come back full.
+    let mut backlog = true;
     loop {
         if *paused.borrow_and_update() {
             tokio::select! {
@@ -172,13 +179,14 @@ async fn run_dispatcher(
             // starved fast targets: relay-bench S4 fell from 12.5k to 7k/s.)
             tokio::task::yield_now().await;
         }
-        let free = slots.available_permits();
         if shutdown.is_cancelled() {
             break;
         }
         let misses = unanswered.load(std::sync::atomic::Ordering::Relaxed);
         let per_round = target.concurrency.max(1) as u32;
-        if misses >= per_round {
+        let answering = misses < per_round;
+        control.set_takes_hot(answering && !*paused.borrow());
+        if !answering {
             let pause = target
                 .policy
                 .delay_bound(misses / per_round)
@@ -190,30 +198,51 @@ async fn run_dispatcher(
                 () = shutdown.cancelled() => break,
             }
         }
-        let jobs = match store.claim(&target.name, free, target.lease()).await {
-            Ok(jobs) => jobs,
-            Err(err) => {
-                tracing::warn!(target = %target.name, error = %err, "cannot claim deliveries");
-                tokio::select! {
-                    () = tokio::time::sleep(STORE_ERROR_PAUSE) => {},
-                    () = shutdown.cancelled() => break,
-                }
-                continue;
+        let free = slots.available_permits();
+        let mut jobs = Vec::with_capacity(free);
+        while jobs.len() < free {
+            match hot.try_recv() {
+                Ok(handed) => jobs.extend(take_hot(&target, handed, &outcomes)),
+                Err(_) => break,
             }
-        };
+        }
+        if jobs.len() < free && backlog {
+            let wanted = free - jobs.len();
+            match store.claim(&target.name, wanted, target.lease()).await {
+                Ok(claimed) => {
+                    backlog = claimed.len() == wanted;
+                    jobs.extend(claimed);
+                }
+                Err(err) => {
+                    tracing::warn!(target = %target.name, error = %err, "cannot claim deliveries");
+                    tokio::select! {
+                        () = tokio::time::sleep(STORE_ERROR_PAUSE) => {},
+                        () = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+            }
+        }
         if jobs.is_empty() {
             tokio::select! {
-                () = control.wake.notified() => tokio::time::sleep(CLAIM_GATHER).await,
-                () = tokio::time::sleep(IDLE_POLL) => {},
+                Some(handed) = hot.recv() => jobs.extend(take_hot(&target, handed, &outcomes)),
+                () = control.wake.notified() => {
+                    tokio::time::sleep(CLAIM_GATHER).await;
+                    backlog = true;
+                    continue;
+                }
+                () = tokio::time::sleep(IDLE_POLL) => {
+                    backlog = true;
+                    continue;
+                }
                 () = shutdown.cancelled() => break,
             }
-            continue;
         }
         for job in jobs {
             let permit = slots
                 .clone()
                 .try_acquire_owned()
-                .expect("claimed no more jobs than free slots");
+                .expect("took no more jobs than free slots");
             let target = target.clone();
             let metrics = metrics.clone();
             let outcomes = outcomes.clone();
@@ -232,18 +261,53 @@ async fn run_dispatcher(
             });
         }
     }
+    // Jobs handed over but not attempted go back to the queue at once
+    // rather than waiting for their lease to run out.
+    control.set_takes_hot(false);
+    hot.close();
+    while let Ok(handed) = hot.try_recv() {
+        let _ = outcomes.send((handed.job.id, Outcome::Released));
+    }
     attempts.close();
     attempts.wait().await;
     drop(outcomes);
     let _ = recorder.await;
 }
 
+/// A fresh job handed over by ingest, leased to this process until
+/// `leased_until_ms`.
+pub struct HotJob {
+    /// The job, as a claim would have returned it.
+    pub job: Job,
+    /// When its lease runs out and a claim could take it again.
+    pub leased_until_ms: i64,
+}
+
+/// The job to attempt, unless its lease could run out during the attempt
+/// (it waited too long): then it is released to be claimed as usual, so it
+/// is never attempted twice at once.
+fn take_hot(
+    target: &Target,
+    handed: HotJob,
+    outcomes: &mpsc::UnboundedSender<(JobId, Outcome)>,
+) -> Option<Job> {
+    let margin = target.timeout.as_millis() as i64 + HOT_LEASE_MARGIN_MS;
+    if now_ms() + margin < handed.leased_until_ms {
+        return Some(handed.job);
+    }
+    let _ = outcomes.send((handed.job.id, Outcome::Released));
+    None
+}
+
+/// Lease time a handed-over job must have left beyond one attempt.
+const HOT_LEASE_MARGIN_MS: i64 = 5_000;
+
 /// Writes attempt outcomes to the store in batches. If a write fails, the
 /// jobs' leases run out and they are attempted again: at-least-once, never lost.
 async fn record_outcomes(
     store: Arc<dyn Store>,
     target: String,
-    mut finished: tokio::sync::mpsc::UnboundedReceiver<(JobId, Outcome)>,
+    mut finished: mpsc::UnboundedReceiver<(JobId, Outcome)>,
 ) {
     while let Some(first) = finished.recv().await {
         let mut batch = vec![first];
@@ -274,13 +338,17 @@ async fn attempt(target: &Target, metrics: &Metrics, job: &Job) -> Outcome {
         .with_label_values(&[&target.name])
         .observe(started.elapsed().as_secs_f64());
     let attempt_number = job.attempts + 1;
-    let outcome = match result.verdict {
-        Verdict::Delivered => Outcome::Delivered,
-        Verdict::Reject => Outcome::Dead {
-            reason: "rejected by target".into(),
-            status: result.status,
-            error: result.error.clone(),
-        },
+    // 0 when the target gave no HTTP answer (connection error, timeout, file).
+    let status = result.status.unwrap_or(0);
+    let (label, outcome) = match result.verdict {
+        Verdict::Delivered => {
+            tracing::info!(
+                id = %job.event_id, target = %target.name, attempt = attempt_number,
+                status, "delivered"
+            );
+            ("delivered", Outcome::Delivered)
+        }
+        Verdict::Reject => give_up(target, job, &result, "rejected by target"),
         Verdict::Retry => {
             let age =
                 Duration::from_millis(now_ms().saturating_sub(job.created_at_ms).max(0) as u64);
@@ -290,45 +358,50 @@ async fn attempt(target: &Target, metrics: &Metrics, job: &Job) -> Outcome {
                 result.retry_after,
                 rand::random::<f64>(),
             ) {
-                Next::RetryIn(delay) => Outcome::Retry {
-                    next_at_ms: now_ms() + delay.as_millis() as i64,
-                    status: result.status,
-                    error: result.error.clone(),
-                },
-                Next::GiveUp(reason) => Outcome::Dead {
-                    reason: reason.into(),
-                    status: result.status,
-                    error: result.error.clone(),
-                },
+                Next::RetryIn(delay) => {
+                    tracing::warn!(
+                        id = %job.event_id, target = %target.name, attempt = attempt_number,
+                        status, error = %result.error,
+                        retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry"
+                    );
+                    (
+                        "retried",
+                        Outcome::Retry {
+                            next_at_ms: now_ms() + delay.as_millis() as i64,
+                            status: result.status,
+                            error: result.error.clone(),
+                        },
+                    )
+                }
+                Next::GiveUp(reason) => give_up(target, job, &result, reason),
             }
         }
-    };
-    // 0 when the target gave no HTTP answer (connection error, timeout, file).
-    let status = result.status.unwrap_or(0);
-    let label = match &outcome {
-        Outcome::Delivered => "delivered",
-        Outcome::Retry { .. } => "retried",
-        Outcome::Dead { .. } => "dead",
     };
     metrics
         .deliveries
         .with_label_values(&[&target.name, label])
         .inc();
-    match &outcome {
-        Outcome::Delivered => tracing::info!(
-            id = %job.event_id, target = %target.name, attempt = attempt_number,
-            status, "delivered"
-        ),
-        Outcome::Retry { next_at_ms, .. } => tracing::warn!(
-            id = %job.event_id, target = %target.name, attempt = attempt_number,
-            status, error = %result.error,
-            retry_in_ms = next_at_ms - now_ms(), "delivery failed; will retry"
-        ),
-        Outcome::Dead { reason, .. } => tracing::error!(
-            id = %job.event_id, target = %target.name, attempt = attempt_number,
-            status, error = %result.error, reason = %reason,
-            "delivery given up; kept as dead letter"
-        ),
-    }
     outcome
+}
+
+/// The dead-letter outcome of an attempt, logged.
+fn give_up(
+    target: &Target,
+    job: &Job,
+    result: &sink::Attempt,
+    reason: &str,
+) -> (&'static str, Outcome) {
+    tracing::error!(
+        id = %job.event_id, target = %target.name, attempt = job.attempts + 1,
+        status = result.status.unwrap_or(0), error = %result.error, reason,
+        "delivery given up; kept as dead letter"
+    );
+    (
+        "dead",
+        Outcome::Dead {
+            reason: reason.into(),
+            status: result.status,
+            error: result.error.clone(),
+        },
+    )
 }

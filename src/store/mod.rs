@@ -110,13 +110,22 @@ pub struct NewPostback {
     pub content_type: Option<String>,
     /// Routed targets; empty means "no route" (kept as a dead letter).
     pub targets: Vec<String>,
+    /// Insert the jobs already leased until this time and return their ids,
+    /// so ingest can hand them to the dispatchers in memory, with no claim
+    /// transaction (see `delivery::fleet`). A backend may ignore it (the
+    /// jobs are then due at once and claimed as usual).
+    pub leased_until_ms: Option<i64>,
 }
 
 /// What [`Store::accept`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acceptance {
     /// Committed with its jobs.
-    Accepted,
+    Accepted {
+        /// The jobs' ids in target order when they were inserted leased
+        /// ([`NewPostback::leased_until_ms`]); empty otherwise.
+        leased: Vec<JobId>,
+    },
     /// Seen within the dedupe window; nothing new was stored.
     Duplicate {
         /// Envelope id of the first copy.
@@ -196,6 +205,9 @@ pub enum Outcome {
         /// What went wrong, for operators.
         error: String,
     },
+    /// Not attempted (its dispatcher stopped first): due again now, with
+    /// its attempt count unchanged.
+    Released,
     /// Give up: keep it as a dead letter.
     Dead {
         /// Why it was given up (`rejected by target`, `max attempts reached`, `max age exceeded`, ...).
@@ -348,8 +360,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
     /// Deletes dead letters (and bodies nothing needs any more); returns how many.
     async fn purge_dead_letters(&self, ids: &[DeadLetterId]) -> Result<u64, StoreError>;
-    /// Turns every job of `target` that is not leased into a dead letter with
-    /// `reason` (its target left the config); returns how many.
+    /// Turns the jobs of `target` into dead letters with `reason` (its
+    /// target left the config; this process's dispatcher for it has
+    /// stopped); jobs leased by another instance are left. Returns how many.
     async fn dead_letter_target(&self, target: &str, reason: &str) -> Result<u64, StoreError>;
     /// Records that `target` is paused (or not) for every instance.
     async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;

@@ -200,9 +200,12 @@ ORDER BY l.id
 const LOCK_EVENTS_SQL: &str = "SELECT id FROM events WHERE id IN \
      (SELECT event_id FROM jobs WHERE id = ANY($1::bigint[])) ORDER BY id FOR UPDATE";
 const RETRY_SQL: &str = r#"
-UPDATE jobs SET attempts = jobs.attempts + 1, next_at = u.next_at, lease_until = 0,
-    last_status = u.status, last_error = u.error, last_attempt_at = $5
-FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::text[]) AS u(id, next_at, status, error)
+UPDATE jobs SET attempts = jobs.attempts + u.counted, next_at = u.next_at, lease_until = 0,
+    last_status = CASE WHEN u.counted = 1 THEN u.status ELSE jobs.last_status END,
+    last_error = COALESCE(u.error, jobs.last_error),
+    last_attempt_at = CASE WHEN u.counted = 1 THEN $6 ELSE jobs.last_attempt_at END
+FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::text[], $5::integer[])
+    AS u(id, next_at, status, error, counted)
 WHERE jobs.id = u.id
 "#;
 const DEAD_SQL: &str = r#"
@@ -1104,7 +1107,10 @@ impl Shared {
             let answer = match &owners {
                 Err(error) => Err(error.clone()),
                 Ok((owners, errors)) => match (owners.get(&key), errors.get(&key)) {
-                    (Some(owner), _) if *owner == postback.id => Ok(Acceptance::Accepted),
+                    (Some(owner), _) if *owner == postback.id => Ok(Acceptance::Accepted {
+                        // Jobs are inserted due: the dispatchers claim them.
+                        leased: Vec::new(),
+                    }),
                     (Some(owner), _) => Ok(Acceptance::Duplicate {
                         original_id: owner.clone(),
                     }),
@@ -1336,7 +1342,10 @@ struct OutcomeBatch {
     retry_ids: Vec<i64>,
     retry_next: Vec<i64>,
     retry_status: Vec<Option<i32>>,
-    retry_error: Vec<String>,
+    /// None keeps the job's last error (a released job was not attempted).
+    retry_error: Vec<Option<String>>,
+    /// 1 for an attempt made, 0 for a job released unattempted.
+    retry_counted: Vec<i32>,
     /// Jobs given up, with why and the last answer.
     dead_ids: Vec<i64>,
     dead_reason: Vec<String>,
@@ -1352,6 +1361,7 @@ impl OutcomeBatch {
             retry_next: Vec::new(),
             retry_status: Vec::new(),
             retry_error: Vec::new(),
+            retry_counted: Vec::new(),
             dead_ids: Vec::new(),
             dead_reason: Vec::new(),
             dead_status: Vec::new(),
@@ -1368,7 +1378,15 @@ impl OutcomeBatch {
                     batch.retry_ids.push(*job);
                     batch.retry_next.push(*next_at_ms);
                     batch.retry_status.push(status.map(i32::from));
-                    batch.retry_error.push(clean(error));
+                    batch.retry_error.push(Some(clean(error)));
+                    batch.retry_counted.push(1);
+                }
+                Outcome::Released => {
+                    batch.retry_ids.push(*job);
+                    batch.retry_next.push(now_ms());
+                    batch.retry_status.push(None);
+                    batch.retry_error.push(None);
+                    batch.retry_counted.push(0);
                 }
                 Outcome::Dead {
                     reason,
@@ -1414,11 +1432,12 @@ impl OutcomeBatch {
                 }
             }
         };
-        let retry_params: [&(dyn ToSql + Sync); 5] = [
+        let retry_params: [&(dyn ToSql + Sync); 6] = [
             &self.retry_ids,
             &self.retry_next,
             &self.retry_status,
             &self.retry_error,
+            &self.retry_counted,
             &now,
         ];
         let dead_params: [&(dyn ToSql + Sync); 5] = [

@@ -415,11 +415,13 @@ impl Store for SqliteStore {
             conn.prepare_cached(
                 "INSERT INTO dead_letters (event_id, target, reason, attempts, last_status, last_error, dead_at)
                  SELECT event_id, target, ?2, attempts, last_status, last_error, ?3 FROM jobs
-                 WHERE target = ?1 AND lease_until <= ?3",
+                 WHERE target = ?1",
             )?
             .execute(params![target, reason, now])?;
-            conn.prepare_cached("DELETE FROM jobs WHERE target = ?1 AND lease_until <= ?2")?
-                .execute(params![target, now])
+            // One instance, whose dispatcher for the target has stopped: no
+            // lease on its jobs is alive, not even one handed over in memory.
+            conn.prepare_cached("DELETE FROM jobs WHERE target = ?1")?
+                .execute(params![target])
                 .map(|moved| moved as u64)
         })
         .await
@@ -1026,7 +1028,9 @@ impl From<SyncMode> for Sync {
 fn fail(command: Command, error: &StoreError) {
     let err = Err(error.clone());
     match command {
-        Command::Accept(_, reply) => drop(reply.send(err.map(|()| Acceptance::Accepted))),
+        Command::Accept(_, reply) => {
+            drop(reply.send(err.map(|()| Acceptance::Accepted { leased: Vec::new() })))
+        }
         Command::Quarantine(_, reply) => drop(reply.send(err)),
         Command::Claim { reply, .. } => drop(reply.send(err.map(|()| Vec::new()))),
         Command::Maintenance(work) => work.fail(error),
@@ -1073,12 +1077,21 @@ fn accept(
         .execute(params![postback.id, NO_ROUTE_TARGET, now])?;
     }
     let mut insert_job = conn.prepare_cached(
-        "INSERT INTO jobs (event_id, target, created_at, next_at) VALUES (?1, ?2, ?3, ?3)",
+        "INSERT INTO jobs (event_id, target, created_at, next_at, lease_until) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
+    let mut leased = Vec::new();
     for target in &postback.targets {
-        insert_job.execute(params![postback.id, target, now])?;
+        match postback.leased_until_ms {
+            None => insert_job.execute(params![postback.id, target, now, now, 0])?,
+            Some(until) => {
+                let inserted =
+                    insert_job.execute(params![postback.id, target, now, until, until])?;
+                leased.push(conn.last_insert_rowid());
+                inserted
+            }
+        };
     }
-    Ok(Acceptance::Accepted)
+    Ok(Acceptance::Accepted { leased })
 }
 
 fn quarantine(conn: &Connection, entry: &QuarantineEntry) -> rusqlite::Result<()> {
@@ -1151,6 +1164,10 @@ fn complete(conn: &Connection, job: JobId, outcome: &Outcome) -> rusqlite::Resul
             if let Some(event_id) = event_id {
                 forget_event_if_done(conn, &event_id)?;
             }
+        }
+        Outcome::Released => {
+            conn.prepare_cached("UPDATE jobs SET next_at = ?2, lease_until = 0 WHERE id = ?1")?
+                .execute(params![job, now_ms()])?;
         }
         Outcome::Retry {
             next_at_ms,
