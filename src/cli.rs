@@ -1,6 +1,7 @@
 //! The command line: `run` the daemon, `check-config` and `route` (a dry-run of
-//! the routing rules) before deploying, and `quarantine list|replay` for bodies
-//! the parser refused; `simulate` plays the aggregator against a deployment.
+//! the routing rules) before deploying; `targets`, `pause`, `resume`, `dlq` and
+//! `quarantine` steer a running relay through its admin API (see [`crate::ops`]);
+//! `simulate` plays the aggregator against a deployment.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,10 @@ pub enum Command {
         #[arg(long)]
         live: bool,
     },
+    /// `targets`, `pause`, `resume`, `dlq ...`, `quarantine ...`: a running
+    /// relay's admin API.
+    #[command(flatten)]
+    Ops(crate::ops::OpsCommand),
 }
 
 /// How log lines look.
@@ -111,6 +116,8 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         // The only command that needs no config: it talks to a URL.
         Command::Simulate(options) => block_on(simulate(options)),
+        // Prints its own errors: the exit code tells a refusal (1) from bad arguments (2).
+        Command::Ops(command) => Ok(crate::ops::run(command)),
     };
     outcome.unwrap_or_else(|err| {
         tracing::error!("{err:#}");

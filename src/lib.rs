@@ -26,6 +26,7 @@ pub mod http_server;
 pub mod ingest;
 pub mod live;
 pub mod metrics;
+pub mod ops;
 pub mod postback;
 pub mod proxy_protocol;
 pub mod quarantine;

@@ -228,7 +228,7 @@ async fn targets(admin: &Admin) -> Answer {
             json!({
                 "name": q.stats.target,
                 "configured": configured.contains(&q.stats.target),
-                "paused": admin.fleet.is_paused(&q.stats.target).unwrap_or(false),
+                "paused": admin.fleet.is_paused(&q.stats.target),
                 "pending": q.stats.pending,
                 "due": q.due,
                 "dead": q.stats.dead,
@@ -285,17 +285,20 @@ async fn list_dead_letters(admin: &Admin, query: &str) -> Answer {
         since_ms: listing.since_ms,
         until_ms: listing.until_ms,
     };
-    let letters = admin
+    // One more than asked tells whether another page follows.
+    let mut letters = admin
         .store
         .list_dead_letters(
             &filter,
             &Page {
                 after,
-                limit: listing.limit,
+                limit: listing.limit + 1,
             },
         )
         .await?;
-    let next = (letters.len() == listing.limit)
+    let more = letters.len() > listing.limit;
+    letters.truncate(listing.limit);
+    let next = more
         .then(|| letters.last().map(|l| l.id.to_string()))
         .flatten();
     let items: Vec<Value> = letters
@@ -419,6 +422,8 @@ struct DeadLetterChunks {
     chosen: Chosen<DeadLetterId, DeadLetterFilter>,
     position: usize,
     after: Option<DeadLetterId>,
+    /// Ids asked for that are not dead letters (a typo, or gone meanwhile).
+    missing: Vec<DeadLetterId>,
 }
 
 impl DeadLetterChunks {
@@ -435,6 +440,7 @@ impl DeadLetterChunks {
             chosen,
             position: 0,
             after: None,
+            missing: Vec::new(),
         }
     }
 
@@ -449,8 +455,9 @@ impl DeadLetterChunks {
                 self.position += chunk.len();
                 let mut letters = Vec::with_capacity(chunk.len());
                 for id in chunk {
-                    if let Some(detail) = admin.store.dead_letter(*id).await? {
-                        letters.push(detail.letter);
+                    match admin.store.dead_letter(*id).await? {
+                        Some(detail) => letters.push(detail.letter),
+                        None => self.missing.push(*id),
                     }
                 }
                 letters
@@ -512,7 +519,12 @@ async fn replay_dead_letters(admin: &Admin, body: Value) -> Answer {
     if replayed > 0 {
         tracing::warn!(replayed, skipped, "dead letters replayed by an operator");
     }
-    Ok(json!({ "replayed": replayed, "skipped": skipped, "skipped_examples": examples }))
+    Ok(json!({
+        "replayed": replayed,
+        "skipped": skipped,
+        "skipped_examples": examples,
+        "not_found": chunks.missing,
+    }))
 }
 
 /// The targets today's routes give a `(no route)` dead letter's postback.
@@ -550,7 +562,7 @@ async fn purge_dead_letters(admin: &Admin, body: Value) -> Answer {
     if purged > 0 {
         tracing::warn!(purged, "dead letters purged by an operator");
     }
-    Ok(json!({ "purged": purged }))
+    Ok(json!({ "purged": purged, "not_found": chunks.missing }))
 }
 
 fn quarantined_json(body: &QuarantinedBody) -> serde_json::Map<String, Value> {
@@ -590,19 +602,19 @@ async fn list_quarantine(admin: &Admin, query: &str) -> Answer {
         since_ms: listing.since_ms,
         until_ms: listing.until_ms,
     };
-    let bodies = admin
+    let mut bodies = admin
         .store
         .list_quarantine(
             &filter,
             &Page {
                 after,
-                limit: listing.limit,
+                limit: listing.limit + 1,
             },
         )
         .await?;
-    let next = (bodies.len() == listing.limit)
-        .then(|| bodies.last().map(quarantine_cursor))
-        .flatten();
+    let more = bodies.len() > listing.limit;
+    bodies.truncate(listing.limit);
+    let next = more.then(|| bodies.last().map(quarantine_cursor)).flatten();
     let items: Vec<Value> = bodies
         .iter()
         .map(|b| Value::Object(quarantined_json(b)))
@@ -626,6 +638,8 @@ struct QuarantineChunks {
     chosen: Chosen<String, QuarantineFilter>,
     position: usize,
     after: Option<(i64, String)>,
+    /// Hashes asked for that are not in the quarantine.
+    missing: Vec<String>,
 }
 
 impl QuarantineChunks {
@@ -634,6 +648,7 @@ impl QuarantineChunks {
             chosen,
             position: 0,
             after: None,
+            missing: Vec::new(),
         }
     }
 
@@ -648,8 +663,9 @@ impl QuarantineChunks {
                 self.position += chunk.len();
                 let mut bodies = Vec::with_capacity(chunk.len());
                 for hash in chunk {
-                    if let Some(body) = admin.store.quarantined(hash).await? {
-                        bodies.push(body);
+                    match admin.store.quarantined(hash).await? {
+                        Some(body) => bodies.push(body),
+                        None => self.missing.push(hash.clone()),
                     }
                 }
                 bodies
@@ -707,17 +723,20 @@ async fn replay_quarantine(admin: &Admin, body: Value) -> Answer {
             }
         }
     }
-    tracing::warn!(
-        accepted,
-        duplicate,
-        still_invalid,
-        "quarantined bodies replayed by an operator"
-    );
+    if accepted + duplicate > 0 {
+        tracing::warn!(
+            accepted,
+            duplicate,
+            still_invalid,
+            "quarantined bodies replayed by an operator"
+        );
+    }
     Ok(json!({
         "accepted": accepted,
         "duplicate": duplicate,
         "still_invalid": still_invalid,
         "results": results,
+        "not_found": chunks.missing,
     }))
 }
 
@@ -732,5 +751,5 @@ async fn purge_quarantine(admin: &Admin, body: Value) -> Answer {
     if purged > 0 {
         tracing::warn!(purged, "quarantined bodies purged by an operator");
     }
-    Ok(json!({ "purged": purged }))
+    Ok(json!({ "purged": purged, "not_found": chunks.missing }))
 }
