@@ -29,11 +29,14 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the relay until SIGTERM or SIGINT (SIGHUP reloads routes, access rules and the TLS certificate).
+    /// Run the relay until SIGTERM or SIGINT (SIGHUP reloads targets, routes, access rules and the TLS certificate).
     Run {
         /// The YAML config file (`RELAY_*` environment variables override it).
         #[arg(long, short, default_value = "config/relay.yaml")]
         config: PathBuf,
+        /// Also reload when the config file's contents change (checked every second).
+        #[arg(long)]
+        watch: bool,
     },
     /// Load and validate a config file, print a summary, and exit (non-zero if invalid).
     CheckConfig {
@@ -101,8 +104,11 @@ pub fn main(cli: Cli) -> ExitCode {
             );
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Run { config: path } => with_config(&path, |config| {
-            block_on(run(config, &path)).map(|()| ExitCode::SUCCESS)
+        Command::Run {
+            config: path,
+            watch,
+        } => with_config(&path, |config| {
+            block_on(run(config, &path, watch)).map(|()| ExitCode::SUCCESS)
         }),
         Command::Route {
             config,
@@ -264,9 +270,10 @@ fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> an
         .block_on(work)
 }
 
-/// Starts the relay and stops it gracefully on SIGTERM or SIGINT; SIGHUP re-reads the TLS certificate and `path` (routes
-/// and access rules; see [`crate::relay::RelayHandle::reload_config`]).
-async fn run(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
+/// Starts the relay and stops it gracefully on SIGTERM or SIGINT; SIGHUP
+/// (and with `watch`, a change of the file's contents) re-reads the TLS
+/// certificate and `path` (see [`crate::relay::RelayHandle::reload_config`]).
+async fn run(config: Config, path: &std::path::Path, watch: bool) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // Installed before anything starts, so a SIGTERM during start-up drains too.
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
@@ -274,19 +281,24 @@ async fn run(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     let relay = Arc::new(crate::relay::start(config).await?);
     let token: CancellationToken = relay.shutdown_token();
+    let watcher = watch.then(|| {
+        let relay = relay.clone();
+        let path = path.to_owned();
+        tracing::info!(file = %path.display(), "watching the config file for changes");
+        tokio::spawn(crate::watch::watch_file(
+            path.clone(),
+            crate::watch::POLL_EVERY,
+            token.clone(),
+            move || reload(&relay, &path),
+        ))
+    });
     let signals = tokio::spawn({
         let relay = relay.clone();
         let path = path.to_owned();
         async move {
             loop {
                 tokio::select! {
-                    _ = hangup.recv() => {
-                        relay.reload();
-                        match Config::load(&path) {
-                            Ok(new) => drop(relay.reload_config(&new)),
-                            Err(err) => relay.reload_failed(&err.to_string()),
-                        }
-                    }
+                    _ = hangup.recv() => reload(&relay, &path),
                     _ = terminate.recv() => break,
                     _ = interrupt.recv() => break,
                 }
@@ -297,7 +309,20 @@ async fn run(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
     });
     let result = relay.stopped().await;
     signals.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     result
+}
+
+/// Re-reads the TLS certificate and the config file; a file that does not
+/// load or validate is refused and the running config stays.
+fn reload(relay: &crate::relay::RelayHandle, path: &std::path::Path) {
+    relay.reload();
+    match Config::load(path) {
+        Ok(new) => drop(relay.reload_config(&new)),
+        Err(err) => relay.reload_failed(&err.to_string()),
+    }
 }
 
 fn init_logging(format: LogFormat) {

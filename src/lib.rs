@@ -35,3 +35,4 @@ pub mod routing;
 pub mod simulate;
 pub mod store;
 pub mod tls;
+pub mod watch;

@@ -589,3 +589,84 @@ async fn sighup_reloads_routes_and_refuses_a_broken_file() {
     .await
     .expect("within 60 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reloads_when_the_file_changes_even_through_a_symlink_swap() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let sink = Sink::start().await;
+        let store = TestStore::new();
+        let targets = format!(
+            "targets:\n  a: {{url: \"{}\"}}\n  b: {{url: \"{}\"}}\n",
+            sink.url("/a"),
+            sink.url("/b")
+        );
+        // As Kubernetes mounts a ConfigMap: the file is a symlink into a
+        // directory that an update replaces by swapping the link.
+        let dir = store.path();
+        let version = |name: &str, routes: &str| {
+            let versioned = dir.join(name);
+            std::fs::create_dir_all(&versioned).unwrap();
+            std::fs::write(
+                versioned.join("relay.yaml"),
+                store.config_yaml(&format!("{targets}{routes}")),
+            )
+            .unwrap();
+            versioned
+        };
+        let config = dir.join("mounted.yaml");
+        let v1 = version("v1", "routes:\n  - targets: [a]\n");
+        std::os::unix::fs::symlink(v1.join("relay.yaml"), &config).unwrap();
+        let config_arg = config.clone();
+        let relay = tokio::task::spawn_blocking(move || {
+            RelayProcess::start_with(&config_arg, &["--watch"])
+        })
+        .await
+        .unwrap();
+        let reloads = |result: &'static str| {
+            let relay = &relay;
+            async move {
+                relay
+                    .metric(&format!(
+                        r#"relay_config_reloads_total{{result="{result}"}}"#
+                    ))
+                    .await
+                    .unwrap_or(0.0)
+            }
+        };
+
+        let v2 = version("v2", "routes:\n  - targets: [b]\n");
+        let swap = dir.join("swap.yaml");
+        std::os::unix::fs::symlink(v2.join("relay.yaml"), &swap).unwrap();
+        std::fs::rename(&swap, &config).unwrap();
+        eventually(Duration::from_secs(10), "the swap applied", || async {
+            (reloads("applied").await == 1.0).then_some(())
+        })
+        .await;
+        let (status, _) = post(&relay.url, None, mo_xml("W-1", "all", "28444")).await;
+        assert_eq!(status, 200);
+        let got = sink.wait_for("/b", 1, Duration::from_secs(10)).await;
+        assert_eq!(got[0].json()["data"]["tracking_id"], "W-1");
+
+        // A broken edit in place: refused, b stays; nothing reloads while
+        // the file stays the same.
+        std::fs::write(v2.join("relay.yaml"), "routes: [this is not a route]\n").unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "the broken file refused",
+            || async { (reloads("refused").await == 1.0).then_some(()) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(reloads("refused").await, 1.0, "one change, one reload");
+        assert_eq!(reloads("applied").await, 1.0);
+        let (status, _) = post(&relay.url, None, mo_xml("W-2", "all", "28444")).await;
+        assert_eq!(status, 200);
+        sink.wait_for("/b", 2, Duration::from_secs(10)).await;
+        assert!(sink.received_on("/a").is_empty());
+        let (exit, lines) =
+            tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+        assert!(exit.success(), "{}", lines.join("\n"));
+    })
+    .await
+    .expect("within 60 s");
+}

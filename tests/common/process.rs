@@ -115,17 +115,24 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts the binary and waits (bounded) for its "listening" log line.
     pub fn start(config: &Path) -> RelayProcess {
-        let mut child = relay_command(&[
+        RelayProcess::start_with(config, &[])
+    }
+
+    /// [`RelayProcess::start`] with more `run` arguments (e.g. `--watch`).
+    pub fn start_with(config: &Path, extra: &[&str]) -> RelayProcess {
+        let mut args = vec![
             "run",
             "--config",
             config.to_str().unwrap(),
             "--log-format",
             "json",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the relay binary");
+        ];
+        args.extend_from_slice(extra);
+        let mut child = relay_command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the relay binary");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let drain = std::thread::spawn({

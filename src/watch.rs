@@ -1,0 +1,51 @@
+//! `run --watch`: notices that the config file changed and asks for a reload,
+//! as a SIGHUP would.
+//!
+//! It polls the file's contents once a second rather than using inotify:
+//! Kubernetes updates a mounted ConfigMap by swapping a symlink to a new
+//! directory, editors replace files by renaming, and both leave an inotify
+//! watch on the old inode. Reading a few KiB a second by path sees every
+//! kind of change, and a file caught half-written is refused by validation
+//! and picked up complete on the next poll.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+/// How often the file is read.
+pub const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// Calls `changed` each time the contents of `path` differ from the last
+/// contents seen (the first read is the baseline), until `stop`.
+pub async fn watch_file(
+    path: PathBuf,
+    every: Duration,
+    stop: CancellationToken,
+    mut changed: impl FnMut(),
+) {
+    let mut last = digest(&path).await;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {},
+            () = stop.cancelled() => return,
+        }
+        let now = digest(&path).await;
+        // A file that vanished for a moment (a rename in progress) is not a
+        // change; its return with other contents is.
+        if now.is_some() && now != last {
+            last = now;
+            tracing::info!(file = %path.display(), "config file changed; reloading");
+            changed();
+        }
+    }
+}
+
+/// A digest of the file's contents, None when it cannot be read right now.
+async fn digest(path: &PathBuf) -> Option<Vec<u8>> {
+    tokio::fs::read(path)
+        .await
+        .map(|bytes| Sha256::digest(&bytes).to_vec())
+        .ok()
+}
