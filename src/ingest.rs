@@ -226,7 +226,8 @@ impl Ingest {
             Ok(Acceptance::Accepted { leased }) => {
                 log("accepted", &id);
                 if decision.targets.is_empty() {
-                    tracing::warn!(id = %id, "no route matched; kept as dead letter \"no route\"");
+                    tracing::warn!(id = %id, tracking_id = postback.tracking_id().unwrap_or(""),
+                        "no route matched; kept as dead letter \"no route\"");
                 }
                 let handed_over = handoff.is_some_and(|handoff| {
                     handoff.deliver(
@@ -234,6 +235,7 @@ impl Ingest {
                         &leased,
                         Committed {
                             event_id: &id,
+                            tracking_id: postback.tracking_id(),
                             created_at_ms: received_at_ms,
                             envelope: &envelope,
                             raw_body: &raw_body,

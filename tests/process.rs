@@ -355,11 +355,14 @@ async fn json_logs_are_one_object_per_line() {
             "{DELIVERY}targets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
             sink.url("/inbox")
         ));
+        // The first attempt fails: the retry is claimed from the store, so
+        // both ways a job reaches a dispatcher are logged.
+        sink.respond(|n, _| Reply::status(if n == 0 { 503 } else { 200 }));
         let relay = RelayProcess::spawn(&config).await;
         let (status, answer) = post(&relay.url, Some("text/xml"), SEED_XML).await;
         assert_eq!(status, 200, "{answer}");
         let id = answer["id"].as_str().unwrap().to_owned();
-        sink.wait_for("/inbox", 1, Duration::from_secs(10)).await;
+        sink.wait_for("/inbox", 2, Duration::from_secs(10)).await;
         let delivered_line = |lines: &[String]| {
             lines.iter().any(|l| {
                 serde_json::from_str::<Value>(l)
@@ -406,6 +409,21 @@ async fn json_logs_are_one_object_per_line() {
             .unwrap();
         assert_eq!(delivered["target"], "inbox", "{delivered}");
         assert!(delivered_line(&lines));
+        // Every line about the postback carries both ids, to follow it end to end.
+        let about: Vec<Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|j| j["id"] == id.as_str())
+            .collect();
+        let messages: BTreeSet<&str> = about.iter().filter_map(|j| j["message"].as_str()).collect();
+        assert_eq!(
+            messages,
+            BTreeSet::from(["postback", "delivery failed; will retry", "delivered"]),
+            "{about:?}"
+        );
+        for line in &about {
+            assert_eq!(line["tracking_id"], "MMS_MO_iLnCRrL6", "{line}");
+        }
     })
     .await
     .expect("the log test ends within 60 s");

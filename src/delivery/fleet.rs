@@ -92,6 +92,8 @@ pub struct Handoff {
 pub struct Committed<'a> {
     /// Envelope id.
     pub event_id: &'a str,
+    /// Sinch's tracking id.
+    pub tracking_id: Option<&'a str>,
     /// When it was received (the jobs' creation time).
     pub created_at_ms: i64,
     /// CloudEvents JSON.
@@ -114,6 +116,7 @@ impl Handoff {
                 job: Job {
                     id: *id,
                     event_id: postback.event_id.to_owned(),
+                    tracking_id: postback.tracking_id.map(str::to_owned),
                     target: target.clone(),
                     attempts: 0,
                     created_at_ms: postback.created_at_ms,

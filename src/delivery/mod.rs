@@ -343,7 +343,8 @@ async fn attempt(target: &Target, metrics: &Metrics, job: &Job) -> Outcome {
     let (label, outcome) = match result.verdict {
         Verdict::Delivered => {
             tracing::info!(
-                id = %job.event_id, target = %target.name, attempt = attempt_number,
+                id = %job.event_id, tracking_id = job.tracking_id.as_deref().unwrap_or(""),
+                target = %target.name, attempt = attempt_number,
                 status, "delivered"
             );
             ("delivered", Outcome::Delivered)
@@ -360,10 +361,11 @@ async fn attempt(target: &Target, metrics: &Metrics, job: &Job) -> Outcome {
             ) {
                 Next::RetryIn(delay) => {
                     tracing::warn!(
-                        id = %job.event_id, target = %target.name, attempt = attempt_number,
-                        status, error = %result.error,
-                        retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry"
-                    );
+                            id = %job.event_id, tracking_id = job.tracking_id.as_deref().unwrap_or(""),
+                    target = %target.name, attempt = attempt_number,
+                            status, error = %result.error,
+                            retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry"
+                        );
                     (
                         "retried",
                         Outcome::Retry {
@@ -392,7 +394,8 @@ fn give_up(
     reason: &str,
 ) -> (&'static str, Outcome) {
     tracing::error!(
-        id = %job.event_id, target = %target.name, attempt = job.attempts + 1,
+        id = %job.event_id, tracking_id = job.tracking_id.as_deref().unwrap_or(""),
+        target = %target.name, attempt = job.attempts + 1,
         status = result.status.unwrap_or(0), error = %result.error, reason,
         "delivery given up; kept as dead letter"
     );

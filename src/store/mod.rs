@@ -177,6 +177,9 @@ pub struct Job {
     pub id: JobId,
     /// Envelope id; the same for every target and every retry.
     pub event_id: String,
+    /// Sinch's tracking id (the envelope's `subject`), for the log lines
+    /// that follow a postback end to end.
+    pub tracking_id: Option<String>,
     /// Target name from the config.
     pub target: String,
     /// Attempts already made before this one.
@@ -388,6 +391,16 @@ pub trait Store: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
     /// Finishes queued writes and closes cleanly.
     async fn close(&self) -> Result<(), StoreError>;
+}
+
+/// The envelope's `subject` (Sinch's tracking id), read without parsing the
+/// rest of it.
+pub fn tracking_id_of(envelope: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Subject {
+        subject: Option<String>,
+    }
+    serde_json::from_slice::<Subject>(envelope).ok()?.subject
 }
 
 /// Milliseconds since the Unix epoch.

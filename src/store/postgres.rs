@@ -800,6 +800,7 @@ impl Store for PostgresStore {
                     .iter()
                     .map(|row| Job {
                         id: row.get(0),
+                        tracking_id: super::tracking_id_of(row.get::<_, &[u8]>(4)),
                         event_id: row.get(1),
                         target: target.to_owned(),
                         attempts: row.get::<_, i32>(2).max(0) as u32,

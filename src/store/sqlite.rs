@@ -1141,6 +1141,7 @@ fn claim(
             })?;
         jobs.push(Job {
             id,
+            tracking_id: super::tracking_id_of(&envelope),
             event_id,
             target: target.to_owned(),
             attempts,
