@@ -89,7 +89,7 @@ pub enum LogFormat {
 /// Runs the parsed command line and returns the process exit code: 0 on
 /// success, 2 for a bad config or bad arguments, 1 for anything else.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging(cli.log_format);
+    let _flush_logs_at_exit = init_logging(cli.log_format);
     for name in crate::config::unrecognized_env_overrides() {
         tracing::warn!(variable = %name, "ignoring environment variable: RELAY_ prefix but no such config key");
     }
@@ -325,17 +325,28 @@ fn reload(relay: &crate::relay::RelayHandle, path: &std::path::Path) {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a background thread: a log line costs the
+/// request that writes it a channel send instead of a `write` system call
+/// (the relay logs one line per postback and per delivery attempt), and a
+/// burst of lines leaves in few writes. Nothing is dropped: when the thread
+/// falls behind, loggers wait. The returned guard flushes what is queued when
+/// it is dropped, at the end of `main`.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         // Without the module path: delivery events carry their own `target`
         // field, and a flattened line must not hold the key twice.
         LogFormat::Json => builder.json().flatten_event(true).with_target(false).init(),
     }
+    guard
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::sink::HttpClient;
-use super::{build_targets, run_dispatcher, HotJob};
+use super::{build_targets, run_dispatcher};
 use crate::config::Config;
 use crate::live::Live;
 use crate::metrics::Metrics;
@@ -66,7 +66,7 @@ impl Control {
 /// What ingest reaches a running target through.
 struct Inlet {
     control: Arc<Control>,
-    hot: mpsc::Sender<HotJob>,
+    hot: mpsc::Sender<Job>,
     /// How long a handed-over job stays leased.
     lease: std::time::Duration,
 }
@@ -83,7 +83,7 @@ struct Running {
 /// Room reserved in the hand-over queues of a postback's targets, for the
 /// jobs the store is about to insert leased.
 pub struct Handoff {
-    permits: Vec<mpsc::OwnedPermit<HotJob>>,
+    permits: Vec<mpsc::OwnedPermit<Job>>,
     /// Until when the store leases the jobs.
     pub leased_until_ms: i64,
 }
@@ -112,18 +112,16 @@ impl Handoff {
             return false;
         }
         for ((permit, target), id) in self.permits.into_iter().zip(targets).zip(leased) {
-            permit.send(HotJob {
-                job: Job {
-                    id: *id,
-                    event_id: postback.event_id.to_owned(),
-                    tracking_id: postback.tracking_id.map(str::to_owned),
-                    target: target.clone(),
-                    attempts: 0,
-                    created_at_ms: postback.created_at_ms,
-                    envelope: postback.envelope.clone(),
-                    raw_body: postback.raw_body.clone(),
-                    content_type: postback.content_type.clone(),
-                },
+            permit.send(Job {
+                id: *id,
+                event_id: postback.event_id.to_owned(),
+                tracking_id: postback.tracking_id.map(str::to_owned),
+                target: target.clone(),
+                attempts: 0,
+                created_at_ms: postback.created_at_ms,
+                envelope: postback.envelope.clone(),
+                raw_body: postback.raw_body.clone(),
+                content_type: postback.content_type.clone(),
                 leased_until_ms: self.leased_until_ms,
             });
         }

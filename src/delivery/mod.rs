@@ -12,6 +12,7 @@ pub mod retry;
 pub mod signing;
 pub mod sink;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,20 +136,24 @@ pub fn build_client() -> std::io::Result<HttpClient> {
 
 /// Drains one target's queue until `shutdown`, then waits for attempts in flight
 /// (each bounded by the target's timeout) so their outcomes are recorded.
-/// Fresh jobs come in memory from ingest (`hot`, already leased); the store
-/// is asked for due jobs (retries, replays, jobs no one handed over) when
-/// woken, every [`IDLE_POLL`], and while its last claim came back full.
-/// While paused it claims nothing; attempts in flight finish.
+///
+/// Jobs come from two places: fresh ones in memory from ingest (`hot`,
+/// already leased), and due ones from the store (retries, replays, jobs no
+/// one handed over), claimed a whole round (`concurrency` jobs) at a time
+/// into a small ready buffer, so a freed slot never waits for a claim. The
+/// store is asked when woken, every [`IDLE_POLL`], and while its last claim
+/// came back full. While paused it claims nothing; attempts in flight finish.
 async fn run_dispatcher(
     target: Arc<Target>,
     store: Arc<dyn Store>,
     metrics: Metrics,
     control: Arc<Control>,
-    mut hot: mpsc::Receiver<HotJob>,
+    mut hot: mpsc::Receiver<Job>,
     shutdown: CancellationToken,
 ) {
     let mut paused = control.paused.subscribe();
-    let slots = Arc::new(Semaphore::new(target.concurrency));
+    let round = target.concurrency.max(1);
+    let slots = Arc::new(Semaphore::new(round));
     let attempts = TaskTracker::new();
     let (outcomes, finished) = mpsc::unbounded_channel();
     // Attempts in a row that got no answer at all (refused, timed out): a
@@ -159,11 +164,15 @@ async fn run_dispatcher(
         target.name.clone(),
         finished,
     ));
+    let mut ready: VecDeque<Job> = VecDeque::with_capacity(round);
     // Whether the store may hold due jobs: at start, after a wake-up or a
     // poll interval, and while claims come back full.
     let mut backlog = true;
     loop {
         if *paused.borrow_and_update() {
+            // Claimed jobs would outlive their lease while paused.
+            release(ready.drain(..), &outcomes);
+            control.set_takes_hot(false);
             tokio::select! {
                 _ = paused.wait_for(|paused| !*paused) => continue,
                 () = shutdown.cancelled() => break,
@@ -175,21 +184,19 @@ async fn run_dispatcher(
                 () = shutdown.cancelled() => break,
             }
             // Attempts finishing together free their slots together: let
-            // them, so one claim takes several jobs. (Sleeping here instead
-            // starved fast targets: relay-bench S4 fell from 12.5k to 7k/s.)
+            // them, so one pass fills several.
             tokio::task::yield_now().await;
         }
         if shutdown.is_cancelled() {
             break;
         }
         let misses = unanswered.load(std::sync::atomic::Ordering::Relaxed);
-        let per_round = target.concurrency.max(1) as u32;
-        let answering = misses < per_round;
+        let answering = misses < round as u32;
         control.set_takes_hot(answering && !*paused.borrow());
         if !answering {
             let pause = target
                 .policy
-                .delay_bound(misses / per_round)
+                .delay_bound(misses / round as u32)
                 .min(UNREACHABLE_PAUSE_MAX);
             tracing::warn!(target = %target.name, attempts = misses, pause_ms = pause.as_millis() as u64,
                 "target does not answer; pausing its deliveries");
@@ -198,20 +205,11 @@ async fn run_dispatcher(
                 () = shutdown.cancelled() => break,
             }
         }
-        let free = slots.available_permits();
-        let mut jobs = Vec::with_capacity(free);
-        while jobs.len() < free {
-            match hot.try_recv() {
-                Ok(handed) => jobs.extend(take_hot(&target, handed, &outcomes)),
-                Err(_) => break,
-            }
-        }
-        if jobs.len() < free && backlog {
-            let wanted = free - jobs.len();
-            match store.claim(&target.name, wanted, target.lease()).await {
+        if ready.len() < round && backlog {
+            match store.claim(&target.name, round, target.lease()).await {
                 Ok(claimed) => {
-                    backlog = claimed.len() == wanted;
-                    jobs.extend(claimed);
+                    backlog = claimed.len() == round;
+                    ready.extend(claimed);
                 }
                 Err(err) => {
                     tracing::warn!(target = %target.name, error = %err, "cannot claim deliveries");
@@ -223,9 +221,20 @@ async fn run_dispatcher(
                 }
             }
         }
-        if jobs.is_empty() {
+        let mut jobs = Vec::with_capacity(slots.available_permits());
+        while jobs.len() < slots.available_permits() {
+            let next = match ready.pop_front() {
+                Some(job) => job,
+                None => match hot.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            jobs.extend(in_time(&target, next, &outcomes));
+        }
+        if jobs.is_empty() && ready.is_empty() {
             tokio::select! {
-                Some(handed) = hot.recv() => jobs.extend(take_hot(&target, handed, &outcomes)),
+                Some(job) = hot.recv() => jobs.extend(in_time(&target, job, &outcomes)),
                 () = control.wake.notified() => {
                     tokio::time::sleep(CLAIM_GATHER).await;
                     backlog = true;
@@ -261,12 +270,13 @@ async fn run_dispatcher(
             });
         }
     }
-    // Jobs handed over but not attempted go back to the queue at once
-    // rather than waiting for their lease to run out.
+    // Jobs taken but not attempted go back to the queue at once rather than
+    // waiting for their lease to run out.
     control.set_takes_hot(false);
     hot.close();
-    while let Ok(handed) = hot.try_recv() {
-        let _ = outcomes.send((handed.job.id, Outcome::Released));
+    release(ready.drain(..), &outcomes);
+    while let Ok(job) = hot.try_recv() {
+        release(std::iter::once(job), &outcomes);
     }
     attempts.close();
     attempts.wait().await;
@@ -274,33 +284,31 @@ async fn run_dispatcher(
     let _ = recorder.await;
 }
 
-/// A fresh job handed over by ingest, leased to this process until
-/// `leased_until_ms`.
-pub struct HotJob {
-    /// The job, as a claim would have returned it.
-    pub job: Job,
-    /// When its lease runs out and a claim could take it again.
-    pub leased_until_ms: i64,
-}
-
 /// The job to attempt, unless its lease could run out during the attempt
-/// (it waited too long): then it is released to be claimed as usual, so it
-/// is never attempted twice at once.
-fn take_hot(
+/// (it waited too long): then it is released to be claimed afresh, so it is
+/// never attempted twice at once. (A fresh lease always suffices: leases are
+/// longer than the timeout, which `store.lease` is validated against.)
+fn in_time(
     target: &Target,
-    handed: HotJob,
+    mut job: Job,
     outcomes: &mpsc::UnboundedSender<(JobId, Outcome)>,
 ) -> Option<Job> {
-    let margin = target.timeout.as_millis() as i64 + HOT_LEASE_MARGIN_MS;
-    if now_ms() + margin < handed.leased_until_ms {
-        return Some(handed.job);
+    if now_ms() + (target.timeout.as_millis() as i64) < job.leased_until_ms {
+        if job.tracking_id.is_none() {
+            job.tracking_id = crate::store::tracking_id_of(&job.envelope);
+        }
+        return Some(job);
     }
-    let _ = outcomes.send((handed.job.id, Outcome::Released));
+    release(std::iter::once(job), outcomes);
     None
 }
 
-/// Lease time a handed-over job must have left beyond one attempt.
-const HOT_LEASE_MARGIN_MS: i64 = 5_000;
+/// Gives jobs back to the store unattempted.
+fn release(jobs: impl Iterator<Item = Job>, outcomes: &mpsc::UnboundedSender<(JobId, Outcome)>) {
+    for job in jobs {
+        let _ = outcomes.send((job.id, Outcome::Released));
+    }
+}
 
 /// Writes attempt outcomes to the store in batches. If a write fails, the
 /// jobs' leases run out and they are attempted again: at-least-once, never lost.

@@ -178,7 +178,8 @@ pub struct Job {
     /// Envelope id; the same for every target and every retry.
     pub event_id: String,
     /// Sinch's tracking id (the envelope's `subject`), for the log lines
-    /// that follow a postback end to end.
+    /// that follow a postback end to end. Claims leave it to the dispatcher
+    /// ([`tracking_id_of`]), off the store's single writer.
     pub tracking_id: Option<String>,
     /// Target name from the config.
     pub target: String,
@@ -192,6 +193,9 @@ pub struct Job {
     pub raw_body: Bytes,
     /// Original Sinch Content-Type.
     pub content_type: Option<String>,
+    /// When its lease runs out: after that a claim may take it again, so it
+    /// must not be started late.
+    pub leased_until_ms: i64,
 }
 
 /// How an attempt ended.

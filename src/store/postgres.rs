@@ -800,7 +800,7 @@ impl Store for PostgresStore {
                     .iter()
                     .map(|row| Job {
                         id: row.get(0),
-                        tracking_id: super::tracking_id_of(row.get::<_, &[u8]>(4)),
+                        tracking_id: None,
                         event_id: row.get(1),
                         target: target.to_owned(),
                         attempts: row.get::<_, i32>(2).max(0) as u32,
@@ -808,6 +808,7 @@ impl Store for PostgresStore {
                         envelope: Bytes::from(row.get::<_, Vec<u8>>(4)),
                         raw_body: Bytes::from(row.get::<_, Vec<u8>>(5)),
                         content_type: row.get(6),
+                        leased_until_ms: lease_until,
                     })
                     .collect::<Vec<Job>>())
             })

@@ -1141,7 +1141,7 @@ fn claim(
             })?;
         jobs.push(Job {
             id,
-            tracking_id: super::tracking_id_of(&envelope),
+            tracking_id: None,
             event_id,
             target: target.to_owned(),
             attempts,
@@ -1149,6 +1149,7 @@ fn claim(
             envelope: Bytes::from(envelope),
             raw_body: Bytes::from(raw_body),
             content_type,
+            leased_until_ms: lease_until,
         });
     }
     jobs.sort_by_key(|job| job.id);
