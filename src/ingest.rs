@@ -101,6 +101,7 @@ impl Ingest {
             return response;
         }
         let started = Instant::now();
+        let _answering = self.fleet.answering();
         let (format, outcome, response) = self.receive(request).await;
         self.metrics
             .postbacks_received

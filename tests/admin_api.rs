@@ -484,3 +484,65 @@ async fn a_removed_target_keeps_its_jobs_as_dead_letters_to_replay_when_it_retur
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_in_flight_finishes_when_its_target_is_removed() {
+    bounded(
+        Duration::from_secs(60),
+        "in-flight delivery across a reload",
+        async {
+            let sink = Sink::start().await;
+            sink.respond(|_, _| Reply {
+                delay: Duration::from_millis(1500),
+                ..Reply::status(200)
+            });
+            let store = TestStore::new();
+            let admin = admin_section(&store);
+            let relay = start_relay_in(
+                store,
+                &format!(
+                    "{admin}targets:\n  slow: {{url: \"{}\"}}\nroutes:\n  - targets: [slow]\n",
+                    sink.url("/slow")
+                ),
+            )
+            .await;
+            let (status, _) = post(&relay.url, None, mo_xml("FLIGHT-1", "hi", "28444")).await;
+            assert_eq!(status, 200);
+            // The attempt has reached the target and waits for its answer.
+            sink.wait_for("/slow", 1, Duration::from_secs(10)).await;
+            let path = relay.store.path().join("v2.yaml");
+            std::fs::write(
+                &path,
+                relay
+                    .store
+                    .config_yaml(&format!("{admin}targets: {{}}\nroutes: []\n")),
+            )
+            .unwrap();
+            let changes = relay
+                .handle
+                .as_ref()
+                .unwrap()
+                .reload_config(&Config::load(&path).unwrap());
+            assert_eq!(changes, Ok(vec![]));
+            // The attempt finishes with its answer: delivered, not dead-lettered.
+            eventually(Duration::from_secs(10), "the job finished", || async {
+                (relay.store.query_int("SELECT COUNT(*) FROM jobs") == 0).then_some(())
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                relay.store.query_int("SELECT COUNT(*) FROM dead_letters"),
+                0
+            );
+            assert_eq!(
+                relay
+                    .metric(r#"relay_deliveries_total{outcome="delivered",target="slow"}"#)
+                    .await,
+                Some(1.0)
+            );
+            assert_eq!(sink.received_count(), 1, "attempted once");
+            relay.shutdown().await;
+        },
+    )
+    .await;
+}

@@ -167,6 +167,35 @@ pub struct Fleet {
     /// The stored pauses as last read: a target a reload (re)adds starts
     /// paused when an operator paused it and nobody resumed it.
     stored_pauses: Mutex<Vec<String>>,
+    /// Postbacks being answered now; many at once make deliveries yield.
+    ingest_load: Arc<IngestLoad>,
+}
+
+/// How many postbacks are being answered at this moment. Ingest comes first:
+/// Sinch waits for each answer, and a delivery can wait a little. While
+/// [`IngestLoad::BUSY`] or more are in progress, dispatchers start new
+/// attempts on a quarter of their slots only.
+#[derive(Default)]
+pub struct IngestLoad(AtomicU64);
+
+impl IngestLoad {
+    /// Postbacks in progress from which ingest is considered busy: more than
+    /// a few serial Sinch connections ever make.
+    pub const BUSY: u64 = 8;
+
+    /// Whether deliveries should make room for ingest now.
+    pub fn is_busy(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= Self::BUSY
+    }
+}
+
+/// Counts one postback in progress until dropped.
+pub struct Answering(Arc<IngestLoad>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Fleet {
@@ -188,6 +217,7 @@ impl Fleet {
             retiring: TaskTracker::new(),
             pause_changes: AtomicU64::new(0),
             stored_pauses: Mutex::new(paused),
+            ingest_load: Arc::new(IngestLoad::default()),
         };
         fleet.apply(config);
         Ok(fleet)
@@ -235,6 +265,7 @@ impl Fleet {
                 self.metrics.clone(),
                 control.clone(),
                 hot_receiver,
+                self.ingest_load.clone(),
                 stop.clone(),
             ));
             let inlet = Arc::new(Inlet {
@@ -293,6 +324,12 @@ impl Fleet {
                     "target removed, but its queued jobs could not be dead-lettered; they stay queued and are dead-lettered at the next start"),
             }
         });
+    }
+
+    /// Marks a postback as being answered, until the guard is dropped.
+    pub fn answering(&self) -> Answering {
+        self.ingest_load.0.fetch_add(1, Ordering::Relaxed);
+        Answering(self.ingest_load.clone())
     }
 
     /// Tells `target`'s dispatcher that jobs are waiting in the store.

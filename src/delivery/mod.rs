@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, TargetKind};
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Job, JobId, Outcome, Store};
-use fleet::Control;
+use fleet::{Control, IngestLoad};
 use retry::{Next, RetryPolicy, Verdict};
 use signing::SigningKey;
 use sink::{FileSink, HttpClient, HttpSink, Sink};
@@ -37,6 +37,8 @@ const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// After a wake-up, how long a dispatcher lets new jobs gather before it
 /// claims: under load, one claim then takes many jobs instead of one each.
 const CLAIM_GATHER: Duration = Duration::from_millis(2);
+/// How long a dispatcher with no room (ingest busy) waits before looking again.
+const MAKING_ROOM: Duration = Duration::from_millis(2);
 /// How long finished attempts gather before their outcomes are written in one
 /// store call, and how many at most.
 const OUTCOME_GATHER: Duration = Duration::from_millis(2);
@@ -149,6 +151,7 @@ async fn run_dispatcher(
     metrics: Metrics,
     control: Arc<Control>,
     mut hot: mpsc::Receiver<Job>,
+    ingest: Arc<IngestLoad>,
     shutdown: CancellationToken,
 ) {
     let mut paused = control.paused.subscribe();
@@ -221,8 +224,22 @@ async fn run_dispatcher(
                 }
             }
         }
-        let mut jobs = Vec::with_capacity(slots.available_permits());
-        while jobs.len() < slots.available_permits() {
+        // Ingest comes first: while it is busy, a quarter of the slots.
+        let in_flight = round - slots.available_permits();
+        let allowed = if ingest.is_busy() {
+            (round / 4).max(1)
+        } else {
+            round
+        };
+        let room = allowed.saturating_sub(in_flight);
+        if room == 0 {
+            tokio::select! {
+                () = tokio::time::sleep(MAKING_ROOM) => continue,
+                () = shutdown.cancelled() => break,
+            }
+        }
+        let mut jobs = Vec::with_capacity(room);
+        while jobs.len() < room {
             let next = match ready.pop_front() {
                 Some(job) => job,
                 None => match hot.try_recv() {
