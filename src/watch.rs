@@ -5,8 +5,9 @@
 //! Kubernetes updates a mounted ConfigMap by swapping a symlink to a new
 //! directory, editors replace files by renaming, and both leave an inotify
 //! watch on the old inode. Reading a few KiB a second by path sees every
-//! kind of change, and a file caught half-written is refused by validation
-//! and picked up complete on the next poll.
+//! kind of change. A change counts once the contents stayed the same for
+//! two polls in a row, so a file caught half-written (a non-atomic save) is
+//! not applied; its complete version is.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,15 +18,17 @@ use tokio_util::sync::CancellationToken;
 /// How often the file is read.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
 
-/// Calls `changed` each time the contents of `path` differ from the last
-/// contents seen (the first read is the baseline), until `stop`.
+/// Calls `changed` each time the contents of `path` settle (the same on two
+/// polls in a row) on something other than the last contents applied (the
+/// first read is the baseline), until `stop`.
 pub async fn watch_file(
     path: PathBuf,
     every: Duration,
     stop: CancellationToken,
     mut changed: impl FnMut(),
 ) {
-    let mut last = digest(&path).await;
+    let mut applied = digest(&path).await;
+    let mut previous = applied.clone();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {},
@@ -34,8 +37,10 @@ pub async fn watch_file(
         let now = digest(&path).await;
         // A file that vanished for a moment (a rename in progress) is not a
         // change; its return with other contents is.
-        if now.is_some() && now != last {
-            last = now;
+        let settled = now.is_some() && now == previous;
+        previous = now;
+        if settled && previous != applied {
+            applied = previous.clone();
             tracing::info!(file = %path.display(), "config file changed; reloading");
             changed();
         }

@@ -319,6 +319,45 @@ async fn server_errors_are_retried_with_the_same_id() {
     relay.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_comes_due_while_fresh_postbacks_keep_the_dispatcher_busy() {
+    // Fresh postbacks reach the dispatcher in memory; the retry waits in the
+    // store. A steady stream (every 40 ms, more often than the 250 ms poll)
+    // must not keep the dispatcher from looking there.
+    let sink = Sink::start().await;
+    sink.respond(|_, _| Reply::status(503));
+    let relay = start_relay(&format!(
+        "{DELIVERY}targets:\n  inbox: {{url: \"{}\", secret: {SECRET}}}\nroutes:\n  - targets: [inbox]\n",
+        sink.url("/inbox")
+    ))
+    .await;
+    accept(&relay, &mo_xml("RETRY-ME", "hello", "28444")).await;
+    // The first attempt fails; from now on the target accepts everything.
+    sink.wait_for("/inbox", 1, WAIT).await;
+    sink.respond(|_, _| Reply::status(200));
+    let mut sent = 0;
+    let retried = loop {
+        accept(&relay, &mo_xml(&format!("STREAM-{sent}"), "hello", "28444")).await;
+        sent += 1;
+        let delivered_again = sink
+            .received_on("/inbox")
+            .iter()
+            .filter(|r| r.json()["data"]["tracking_id"] == "RETRY-ME")
+            .count()
+            == 2;
+        if delivered_again || sent == 100 {
+            break delivered_again;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    };
+    assert!(
+        retried,
+        "the retry was not attempted during {sent} postbacks ({} ms of steady traffic)",
+        sent * 40
+    );
+    relay.shutdown().await;
+}
+
 // 4. A target that is down, then comes back on the same address.
 #[tokio::test]
 async fn a_dead_target_that_comes_back_gets_everything() {

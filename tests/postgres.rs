@@ -136,8 +136,8 @@ async fn three_instances_share_the_load_and_a_killed_one_loses_nothing() {
         let mut relays = spawn_all(&configs).await;
         assert_eq!(
             db.query("SELECT COUNT(*) FROM schema_migrations")[0][0],
-            rusqlite::types::Value::Integer(1),
-            "three instances starting at once migrate once"
+            rusqlite::types::Value::Integer(2),
+            "three instances starting at once migrate once (one row per schema version)"
         );
 
         // Load on all three, each sender serially on its own connection.
@@ -607,8 +607,12 @@ async fn instances_opening_at_once_migrate_once() {
         stores.push(open.await.unwrap().expect("every instance opens"));
     }
     assert_eq!(
-        db.query("SELECT version FROM schema_migrations"),
-        vec![vec![rusqlite::types::Value::Integer(1)]]
+        db.query("SELECT version FROM schema_migrations ORDER BY version"),
+        vec![
+            vec![rusqlite::types::Value::Integer(1)],
+            vec![rusqlite::types::Value::Integer(2)]
+        ],
+        "each schema version applied once"
     );
     for store in &stores {
         store.close().await.unwrap();

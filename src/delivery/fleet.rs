@@ -36,6 +36,11 @@ use crate::store::{now_ms, Job, JobId, Store, StoreError};
 /// Reason recorded on the dead letters of a target that left the config.
 pub const TARGET_REMOVED: &str = "target removed";
 
+/// When a removed target's queue is looked at a second time: longer than a
+/// store operation may take (a postback routed by the old routes commits
+/// within it, or is answered 503).
+const SECOND_SWEEP_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What ingest and operators tell one target's dispatcher; it outlives a
 /// dispatcher replaced by a reload, so a pause survives the reload.
 pub struct Control {
@@ -169,6 +174,8 @@ pub struct Fleet {
     stored_pauses: Mutex<Vec<String>>,
     /// Postbacks being answered now; many at once make deliveries yield.
     ingest_load: Arc<IngestLoad>,
+    /// Cancelled at shutdown: retiring work that only waits stops waiting.
+    stopping: CancellationToken,
 }
 
 /// How many postbacks are being answered at this moment. Ingest comes first:
@@ -218,6 +225,7 @@ impl Fleet {
             pause_changes: AtomicU64::new(0),
             stored_pauses: Mutex::new(paused),
             ingest_load: Arc::new(IngestLoad::default()),
+            stopping: CancellationToken::new(),
         };
         fleet.apply(config);
         Ok(fleet)
@@ -305,23 +313,35 @@ impl Fleet {
 
     /// Stops `old` claiming and drains it; for a removed target (`removed`),
     /// then turns its queued jobs into dead letters, unless a later reload
-    /// brought the target back meanwhile.
+    /// brought the target back meanwhile. It looks once more after
+    /// [`SECOND_SWEEP_AFTER`]: a postback routed by the old routes may commit
+    /// a job for the target after the first look.
     fn retire(&self, old: Running, removed: Option<String>) {
         old.stop.cancel();
         let store = self.store.clone();
         let inlets = self.inlets.clone();
+        let stopping = self.stopping.clone();
         self.retiring.spawn(async move {
             let _ = old.task.await;
             let Some(name) = removed else { return };
-            if inlets.get().contains_key(&name) {
-                return;
-            }
-            match store.dead_letter_target(&name, TARGET_REMOVED).await {
-                Ok(0) => tracing::info!(target = %name, "target removed; no jobs were queued for it"),
-                Ok(moved) => tracing::warn!(target = %name, jobs = moved,
-                    "target removed; its queued jobs are kept as dead letters (reason \"target removed\"): replay them once it is back"),
-                Err(err) => tracing::error!(target = %name, error = %err,
-                    "target removed, but its queued jobs could not be dead-lettered; they stay queued and are dead-lettered at the next start"),
+            for sweep in 0..2 {
+                if sweep == 1 {
+                    tokio::select! {
+                        () = tokio::time::sleep(SECOND_SWEEP_AFTER) => {},
+                        () = stopping.cancelled() => return,
+                    }
+                }
+                if inlets.get().contains_key(&name) {
+                    return;
+                }
+                match store.dead_letter_target(&name, TARGET_REMOVED).await {
+                    Ok(0) if sweep == 0 => tracing::info!(target = %name, "target removed; no jobs were queued for it"),
+                    Ok(0) => {}
+                    Ok(moved) => tracing::warn!(target = %name, jobs = moved,
+                        "target removed; its queued jobs are kept as dead letters (reason \"target removed\"): replay them once it is back"),
+                    Err(err) => tracing::error!(target = %name, error = %err,
+                        "target removed, but its queued jobs could not be dead-lettered; they stay queued and are dead-lettered at the next start"),
+                }
             }
         });
     }
@@ -347,14 +367,16 @@ impl Fleet {
         }
         let inlets = self.inlets.get();
         let mut permits = Vec::with_capacity(targets.len());
-        let mut lease = std::time::Duration::MAX;
+        // The longest of the targets' leases: each job must outlast its own
+        // target's attempt (a longer lease only matters after a crash).
+        let mut lease = std::time::Duration::ZERO;
         for target in targets {
             let inlet = inlets.get(target)?;
             if !inlet.control.takes_hot.load(Ordering::Relaxed) {
                 return None;
             }
             permits.push(inlet.hot.clone().try_reserve_owned().ok()?);
-            lease = lease.min(inlet.lease);
+            lease = lease.max(inlet.lease);
         }
         Some(Handoff {
             permits,
@@ -388,6 +410,9 @@ impl Fleet {
         }
         self.pause_changes.fetch_add(1, Ordering::SeqCst);
         self.store.set_paused(target, paused).await?;
+        // Again: a re-read of the pauses that began before the write must
+        // not be applied after it.
+        self.pause_changes.fetch_add(1, Ordering::SeqCst);
         {
             let mut stored = self.stored_pauses.lock().unwrap_or_else(|p| p.into_inner());
             stored.retain(|name| name != target);
@@ -448,6 +473,7 @@ impl Fleet {
     /// Stops every dispatcher and waits until their attempts in flight ended
     /// and were recorded.
     pub async fn shutdown(&self) {
+        self.stopping.cancel();
         let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()));
         for r in running.values() {
             r.stop.cancel();

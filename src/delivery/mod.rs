@@ -168,14 +168,24 @@ async fn run_dispatcher(
         finished,
     ));
     let mut ready: VecDeque<Job> = VecDeque::with_capacity(round);
-    // Whether the store may hold due jobs: at start, after a wake-up or a
-    // poll interval, and while claims come back full.
+    // Whether the store may hold due jobs: at start, after a wake-up, every
+    // poll interval (even while hand-overs keep it busy: retries come due in
+    // the store), and while claims come back full.
     let mut backlog = true;
+    let mut next_poll = tokio::time::Instant::now() + IDLE_POLL;
     loop {
+        if tokio::time::Instant::now() >= next_poll {
+            backlog = true;
+            next_poll = tokio::time::Instant::now() + IDLE_POLL;
+        }
         if *paused.borrow_and_update() {
-            // Claimed jobs would outlive their lease while paused.
-            release(ready.drain(..), &outcomes);
+            // Jobs taken would outlive their lease while paused (one handed
+            // over after this is checked against its lease on resume).
             control.set_takes_hot(false);
+            release(ready.drain(..), &outcomes);
+            while let Ok(job) = hot.try_recv() {
+                release(std::iter::once(job), &outcomes);
+            }
             tokio::select! {
                 _ = paused.wait_for(|paused| !*paused) => continue,
                 () = shutdown.cancelled() => break,
@@ -208,10 +218,13 @@ async fn run_dispatcher(
                 () = shutdown.cancelled() => break,
             }
         }
-        if ready.len() < round && backlog {
-            match store.claim(&target.name, round, target.lease()).await {
+        // Refilled when at most half full, so claims stay large and at most
+        // one round of claimed jobs waits here.
+        if ready.len() <= round / 2 && backlog {
+            let wanted = round - ready.len();
+            match store.claim(&target.name, wanted, target.lease()).await {
                 Ok(claimed) => {
-                    backlog = claimed.len() == round;
+                    backlog = claimed.len() == wanted;
                     ready.extend(claimed);
                 }
                 Err(err) => {
@@ -223,6 +236,9 @@ async fn run_dispatcher(
                     continue;
                 }
             }
+        }
+        if *paused.borrow() {
+            continue; // paused meanwhile: nothing new starts
         }
         // Ingest comes first: while it is busy, a quarter of the slots.
         let in_flight = round - slots.available_permits();
@@ -257,10 +273,7 @@ async fn run_dispatcher(
                     backlog = true;
                     continue;
                 }
-                () = tokio::time::sleep(IDLE_POLL) => {
-                    backlog = true;
-                    continue;
-                }
+                () = tokio::time::sleep_until(next_poll) => continue,
                 () = shutdown.cancelled() => break,
             }
         }
@@ -292,7 +305,8 @@ async fn run_dispatcher(
     control.set_takes_hot(false);
     hot.close();
     release(ready.drain(..), &outcomes);
-    while let Ok(job) = hot.try_recv() {
+    // Ends once no hand-over reserved before the close is outstanding.
+    while let Some(job) = hot.recv().await {
         release(std::iter::once(job), &outcomes);
     }
     attempts.close();
@@ -320,10 +334,14 @@ fn in_time(
     None
 }
 
-/// Gives jobs back to the store unattempted.
+/// Gives jobs back to the store unattempted (each only if its lease is
+/// still the one it was taken under).
 fn release(jobs: impl Iterator<Item = Job>, outcomes: &mpsc::UnboundedSender<(JobId, Outcome)>) {
     for job in jobs {
-        let _ = outcomes.send((job.id, Outcome::Released));
+        let released = Outcome::Released {
+            leased_until_ms: job.leased_until_ms,
+        };
+        let _ = outcomes.send((job.id, released));
     }
 }
 

@@ -212,9 +212,14 @@ pub enum Outcome {
         /// What went wrong, for operators.
         error: String,
     },
-    /// Not attempted (its dispatcher stopped first): due again now, with
-    /// its attempt count unchanged.
-    Released,
+    /// Not attempted (its dispatcher stopped or paused first, or it waited
+    /// too long): due again now, with its attempt count unchanged — unless
+    /// its lease is no longer the one given (`leased_until_ms`): then a later
+    /// claim owns the job and it is left alone.
+    Released {
+        /// The lease the job was taken under.
+        leased_until_ms: i64,
+    },
     /// Give up: keep it as a dead letter.
     Dead {
         /// Why it was given up (`rejected by target`, `max attempts reached`, `max age exceeded`, ...).

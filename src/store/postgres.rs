@@ -203,10 +203,10 @@ const RETRY_SQL: &str = r#"
 UPDATE jobs SET attempts = jobs.attempts + u.counted, next_at = u.next_at, lease_until = 0,
     last_status = CASE WHEN u.counted = 1 THEN u.status ELSE jobs.last_status END,
     last_error = COALESCE(u.error, jobs.last_error),
-    last_attempt_at = CASE WHEN u.counted = 1 THEN $6 ELSE jobs.last_attempt_at END
-FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::text[], $5::integer[])
-    AS u(id, next_at, status, error, counted)
-WHERE jobs.id = u.id
+    last_attempt_at = CASE WHEN u.counted = 1 THEN $7 ELSE jobs.last_attempt_at END
+FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::text[], $5::integer[], $6::bigint[])
+    AS u(id, next_at, status, error, counted, lease)
+WHERE jobs.id = u.id AND (u.lease IS NULL OR jobs.lease_until = u.lease)
 "#;
 const DEAD_SQL: &str = r#"
 INSERT INTO dead_letters (event_id, target, reason, attempts, last_status, last_error, dead_at)
@@ -1348,6 +1348,9 @@ struct OutcomeBatch {
     retry_error: Vec<Option<String>>,
     /// 1 for an attempt made, 0 for a job released unattempted.
     retry_counted: Vec<i32>,
+    /// For a released job, the lease it was taken under: only that lease
+    /// is given back.
+    retry_lease: Vec<Option<i64>>,
     /// Jobs given up, with why and the last answer.
     dead_ids: Vec<i64>,
     dead_reason: Vec<String>,
@@ -1364,6 +1367,7 @@ impl OutcomeBatch {
             retry_status: Vec::new(),
             retry_error: Vec::new(),
             retry_counted: Vec::new(),
+            retry_lease: Vec::new(),
             dead_ids: Vec::new(),
             dead_reason: Vec::new(),
             dead_status: Vec::new(),
@@ -1382,13 +1386,15 @@ impl OutcomeBatch {
                     batch.retry_status.push(status.map(i32::from));
                     batch.retry_error.push(Some(clean(error)));
                     batch.retry_counted.push(1);
+                    batch.retry_lease.push(None);
                 }
-                Outcome::Released => {
+                Outcome::Released { leased_until_ms } => {
                     batch.retry_ids.push(*job);
                     batch.retry_next.push(now_ms());
                     batch.retry_status.push(None);
                     batch.retry_error.push(None);
                     batch.retry_counted.push(0);
+                    batch.retry_lease.push(Some(*leased_until_ms));
                 }
                 Outcome::Dead {
                     reason,
@@ -1434,12 +1440,13 @@ impl OutcomeBatch {
                 }
             }
         };
-        let retry_params: [&(dyn ToSql + Sync); 6] = [
+        let retry_params: [&(dyn ToSql + Sync); 7] = [
             &self.retry_ids,
             &self.retry_next,
             &self.retry_status,
             &self.retry_error,
             &self.retry_counted,
+            &self.retry_lease,
             &now,
         ];
         let dead_params: [&(dyn ToSql + Sync); 5] = [

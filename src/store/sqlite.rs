@@ -1167,9 +1167,11 @@ fn complete(conn: &Connection, job: JobId, outcome: &Outcome) -> rusqlite::Resul
                 forget_event_if_done(conn, &event_id)?;
             }
         }
-        Outcome::Released => {
-            conn.prepare_cached("UPDATE jobs SET next_at = ?2, lease_until = 0 WHERE id = ?1")?
-                .execute(params![job, now_ms()])?;
+        Outcome::Released { leased_until_ms } => {
+            conn.prepare_cached(
+                "UPDATE jobs SET next_at = ?2, lease_until = 0 WHERE id = ?1 AND lease_until = ?3",
+            )?
+            .execute(params![job, now_ms(), leased_until_ms])?;
         }
         Outcome::Retry {
             next_at_ms,
