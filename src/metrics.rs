@@ -38,6 +38,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// 1 while an operator has paused the target (it queues, delivers nothing).
     pub target_paused: IntGaugeVec,
+    /// Target labels the queue gauges were last set for, so a target that
+    /// left both the config and the store stops being reported.
+    queue_labels: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Metrics {
@@ -171,6 +174,7 @@ impl Metrics {
             build_info,
             config_reloads,
             target_paused,
+            queue_labels: Default::default(),
         }
     }
 
@@ -189,6 +193,19 @@ impl Metrics {
     /// Sets the queue gauges from the store's figures; targets without jobs
     /// read 0 rather than vanish.
     pub fn set_queue(&self, targets: &[String], stats: &[TargetStats]) {
+        let now_shown: std::collections::BTreeSet<String> = targets
+            .iter()
+            .cloned()
+            .chain(stats.iter().map(|s| s.target.clone()))
+            .collect();
+        let mut shown = self.queue_labels.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in shown.difference(&now_shown) {
+            let _ = self.queue_pending.remove_label_values(&[gone]);
+            let _ = self.dead_letters.remove_label_values(&[gone]);
+            let _ = self.queue_oldest_age.remove_label_values(&[gone]);
+        }
+        *shown = now_shown;
+        drop(shown);
         for target in targets {
             self.queue_pending.with_label_values(&[target]).set(0);
             self.dead_letters.with_label_values(&[target]).set(0);
@@ -224,5 +241,36 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(target: &str, dead: u64) -> TargetStats {
+        TargetStats {
+            target: target.into(),
+            pending: 0,
+            dead,
+            oldest_pending_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_target_gone_from_config_and_store_stops_being_reported() {
+        let metrics = Metrics::new();
+        metrics.set_queue(&["inbox".into()], &[stats("removed", 3)]);
+        assert!(metrics
+            .render()
+            .contains("relay_dead_letters{target=\"removed\"} 3"));
+        // Its dead letters were purged: it is in neither list any more.
+        metrics.set_queue(&["inbox".into()], &[]);
+        let text = metrics.render();
+        assert!(!text.contains("target=\"removed\""), "{text}");
+        assert!(
+            text.contains("relay_dead_letters{target=\"inbox\"} 0"),
+            "{text}"
+        );
     }
 }

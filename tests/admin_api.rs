@@ -510,20 +510,26 @@ async fn a_delivery_in_flight_finishes_when_its_target_is_removed() {
             assert_eq!(status, 200);
             // The attempt has reached the target and waits for its answer.
             sink.wait_for("/slow", 1, Duration::from_secs(10)).await;
-            let path = relay.store.path().join("v2.yaml");
-            std::fs::write(
-                &path,
+            let reload = |name: &str, rest: String| {
+                let path = relay.store.path().join(name);
+                std::fs::write(&path, relay.store.config_yaml(&format!("{admin}{rest}"))).unwrap();
                 relay
-                    .store
-                    .config_yaml(&format!("{admin}targets: {{}}\nroutes: []\n")),
-            )
-            .unwrap();
-            let changes = relay
-                .handle
-                .as_ref()
-                .unwrap()
-                .reload_config(&Config::load(&path).unwrap());
-            assert_eq!(changes, Ok(vec![]));
+                    .handle
+                    .as_ref()
+                    .unwrap()
+                    .reload_config(&Config::load(&path).unwrap())
+            };
+            // Changed (a new dispatcher; the old one keeps its attempt), then
+            // removed while that attempt still runs.
+            let changed = format!(
+                "targets:\n  slow: {{url: \"{}\", timeout: 20s}}\nroutes:\n  - targets: [slow]\n",
+                sink.url("/slow")
+            );
+            assert_eq!(reload("v2.yaml", changed), Ok(vec![]));
+            assert_eq!(
+                reload("v3.yaml", "targets: {}\nroutes: []\n".into()),
+                Ok(vec![])
+            );
             // The attempt finishes with its answer: delivered, not dead-lettered.
             eventually(Duration::from_secs(10), "the job finished", || async {
                 (relay.store.query_int("SELECT COUNT(*) FROM jobs") == 0).then_some(())

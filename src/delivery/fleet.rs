@@ -83,6 +83,9 @@ struct Running {
     inlet: Arc<Inlet>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// Dispatchers of the same target that reloads replaced and that may
+    /// still be finishing their attempts.
+    predecessors: Vec<JoinHandle<()>>,
 }
 
 /// Room reserved in the hand-over queues of a postback's targets, for the
@@ -243,16 +246,20 @@ impl Fleet {
                 config.targets.get(&target.name),
                 config.delivery
             );
+            let mut predecessors = Vec::new();
             let control = match running.remove(&target.name) {
                 Some(old) if old.settings == settings => {
                     wanted.insert(target.name.clone(), old);
                     continue;
                 }
                 Some(old) => {
+                    // It stops claiming now and finishes its attempts.
                     changes.replaced.push(target.name.clone());
-                    let control = old.inlet.control.clone();
-                    retired.push((old, None));
-                    control
+                    old.stop.cancel();
+                    predecessors = old.predecessors;
+                    predecessors.retain(|task| !task.is_finished());
+                    predecessors.push(old.task);
+                    old.inlet.control.clone()
                 }
                 None => {
                     changes.started.push(target.name.clone());
@@ -288,13 +295,14 @@ impl Fleet {
                     inlet,
                     stop,
                     task,
+                    predecessors,
                 },
             );
         }
         for (name, old) in std::mem::take(&mut *running) {
             changes.removed.push(name.clone());
             self.metrics.forget_target(&name);
-            retired.push((old, Some(name)));
+            retired.push((old, name));
         }
         *running = wanted;
         self.inlets.set(
@@ -304,26 +312,28 @@ impl Fleet {
                 .collect(),
         );
         // After the new set is visible: a retired target's drain checks it.
-        for (old, removed) in retired {
-            self.retire(old, removed);
+        for (old, name) in retired {
+            self.retire(old, name);
         }
         self.publish_pauses(&running);
         changes
     }
 
-    /// Stops `old` claiming and drains it; for a removed target (`removed`),
-    /// then turns its queued jobs into dead letters, unless a later reload
-    /// brought the target back meanwhile. It looks once more after
-    /// [`SECOND_SWEEP_AFTER`]: a postback routed by the old routes may commit
-    /// a job for the target after the first look.
-    fn retire(&self, old: Running, removed: Option<String>) {
+    /// Stops the removed target `name`'s dispatcher and drains it (and any
+    /// predecessor still finishing), then turns its queued jobs into dead
+    /// letters, unless a later reload brought the target back meanwhile. It
+    /// looks once more after [`SECOND_SWEEP_AFTER`]: a postback routed by the
+    /// old routes may commit a job for the target after the first look.
+    fn retire(&self, old: Running, name: String) {
         old.stop.cancel();
         let store = self.store.clone();
         let inlets = self.inlets.clone();
         let stopping = self.stopping.clone();
         self.retiring.spawn(async move {
             let _ = old.task.await;
-            let Some(name) = removed else { return };
+            for predecessor in old.predecessors {
+                let _ = predecessor.await;
+            }
             for sweep in 0..2 {
                 if sweep == 1 {
                     tokio::select! {
@@ -480,6 +490,9 @@ impl Fleet {
         }
         for (_, r) in running {
             let _ = r.task.await;
+            for predecessor in r.predecessors {
+                let _ = predecessor.await;
+            }
         }
         self.retiring.close();
         self.retiring.wait().await;
