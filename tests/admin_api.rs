@@ -319,6 +319,18 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
             (list["dead_letters"].as_array().unwrap().len() == 2).then_some(())
         })
         .await;
+        // Replaying letters the target rejects again: each is taken once (the
+        // walk stops at the newest letter it began with), and they come back.
+        let before = sink.received_count();
+        let again = api_post(&relay, "/api/v1/dead-letters/replay", json!({"all": true})).await;
+        assert_eq!(again["replayed"], 2, "{again}");
+        eventually(Duration::from_secs(10), "rejected again", || async {
+            let list = api_get(&relay, "/api/v1/dead-letters?reason=rejected%20by%20target").await;
+            (list["dead_letters"].as_array().unwrap().len() == 2).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sink.received_count(), before + 2, "one new attempt each");
         let purged = api_post(&relay, "/api/v1/dead-letters/purge", json!({"all": true})).await;
         assert_eq!(purged["purged"], 2);
         assert_eq!(relay.store.query_int("SELECT COUNT(*) FROM dead_letters"), 0);

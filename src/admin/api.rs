@@ -422,24 +422,20 @@ struct DeadLetterChunks {
     chosen: Chosen<DeadLetterId, DeadLetterFilter>,
     position: usize,
     after: Option<DeadLetterId>,
+    /// A filter's walk ends at the newest dead letter when it began (ids
+    /// grow), read on the first step; `Some(None)`: there were none.
+    up_to: Option<Option<DeadLetterId>>,
     /// Ids asked for that are not dead letters (a typo, or gone meanwhile).
     missing: Vec<DeadLetterId>,
 }
 
 impl DeadLetterChunks {
     fn new(chosen: Chosen<DeadLetterId, DeadLetterFilter>) -> DeadLetterChunks {
-        let chosen = match chosen {
-            Chosen::Filter(mut filter) => {
-                let started = now_ms();
-                filter.until_ms = Some(filter.until_ms.map_or(started, |u| u.min(started)));
-                Chosen::Filter(filter)
-            }
-            ids => ids,
-        };
         DeadLetterChunks {
             chosen,
             position: 0,
             after: None,
+            up_to: None,
             missing: Vec::new(),
         }
     }
@@ -463,11 +459,21 @@ impl DeadLetterChunks {
                 letters
             }
             Chosen::Filter(filter) => {
+                let up_to = match self.up_to {
+                    Some(up_to) => up_to,
+                    None => *self
+                        .up_to
+                        .insert(admin.store.newest_dead_letter_id().await?),
+                };
+                let Some(up_to) = up_to else {
+                    return Ok(None);
+                };
                 let page = Page {
                     after: self.after,
                     limit: CHUNK,
                 };
-                let letters = admin.store.list_dead_letters(filter, &page).await?;
+                let mut letters = admin.store.list_dead_letters(filter, &page).await?;
+                letters.retain(|letter| letter.id <= up_to);
                 let Some(last) = letters.last() else {
                     return Ok(None);
                 };

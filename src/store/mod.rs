@@ -360,6 +360,10 @@ pub trait Store: Send + Sync + 'static {
         filter: &DeadLetterFilter,
         page: &Page<DeadLetterId>,
     ) -> Result<Vec<DeadLetter>, StoreError>;
+    /// The id of the newest dead letter (None: there are none), which bounds
+    /// a replay walking a filter: letters a replay sends straight back to the
+    /// dead letters get newer ids and are not taken again.
+    async fn newest_dead_letter_id(&self) -> Result<Option<DeadLetterId>, StoreError>;
     /// One dead letter with its postback.
     async fn dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetterDetail>, StoreError>;
     /// Puts dead letters back in the queue: each one still there leaves the

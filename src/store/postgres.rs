@@ -607,6 +607,17 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn newest_dead_letter_id(&self) -> Result<Option<DeadLetterId>, StoreError> {
+        self.shared
+            .with_client(false, async |client: &Object| {
+                let row = client
+                    .query_one("SELECT MAX(id) FROM dead_letters", &[])
+                    .await?;
+                Ok(row.get(0))
+            })
+            .await
+    }
+
     async fn dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetterDetail>, StoreError> {
         self.shared
             .with_client(false, async |client: &Object| {

@@ -341,6 +341,11 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn newest_dead_letter_id(&self) -> Result<Option<DeadLetterId>, StoreError> {
+        self.read(|conn| conn.query_row("SELECT MAX(id) FROM dead_letters", [], |row| row.get(0)))
+            .await
+    }
+
     async fn dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetterDetail>, StoreError> {
         self.read(move |conn| {
             conn.prepare_cached(&format!(
