@@ -682,7 +682,7 @@ impl Store for PostgresStore {
         let mut events = events;
         events.sort();
         events.dedup();
-        shared
+        let forgotten = shared
             .with_client(true, async |client: &Object| {
                 let (lock, forget) = futures_util::try_join!(
                     client.prepare_cached(LOCK_EVENTS_BY_ID_SQL),
@@ -694,7 +694,13 @@ impl Store for PostgresStore {
                 })
                 .await
             })
-            .await?;
+            .await;
+        // The purge itself committed: say so even if the clean-up failed
+        // (the bodies then stay, unused, until deleted by hand).
+        if let Err(err) = forgotten {
+            tracing::warn!(error = %err, events = events.len(),
+                "dead letters purged, but their postbacks' bodies could not be deleted");
+        }
         Ok(purged)
     }
 
