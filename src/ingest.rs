@@ -209,11 +209,14 @@ impl Ingest {
         // (see `delivery::fleet`); the store keeps them leased meanwhile.
         let handoff = self.fleet.reserve(&decision.targets);
         new.leased_until_ms = handoff.as_ref().map(|h| h.leased_until_ms);
-        let (envelope, raw_body, content_type) = (
-            new.envelope.clone(),
-            new.raw_body.clone(),
-            new.content_type.clone(),
-        );
+        // What the hand-over needs after `accept` took `new` (only then).
+        let bodies = handoff.as_ref().map(|_| {
+            (
+                new.envelope.clone(),
+                new.raw_body.clone(),
+                new.content_type.clone(),
+            )
+        });
         let result = self.store.accept(new).await;
         let log = |outcome: &str, id: &str| {
             tracing::info!(
@@ -230,20 +233,22 @@ impl Ingest {
                     tracing::warn!(id = %id, tracking_id = postback.tracking_id().unwrap_or(""),
                         "no route matched; kept as dead letter \"no route\"");
                 }
-                let handed_over = handoff.is_some_and(|handoff| {
-                    handoff.deliver(
-                        &decision.targets,
-                        &leased,
-                        Committed {
-                            event_id: &id,
-                            tracking_id: postback.tracking_id(),
-                            created_at_ms: received_at_ms,
-                            envelope: &envelope,
-                            raw_body: &raw_body,
-                            content_type: &content_type,
-                        },
-                    )
-                });
+                let handed_over = handoff.zip(bodies).is_some_and(
+                    |(handoff, (envelope, raw_body, content_type))| {
+                        handoff.deliver(
+                            &decision.targets,
+                            &leased,
+                            Committed {
+                                event_id: &id,
+                                tracking_id: postback.tracking_id(),
+                                created_at_ms: received_at_ms,
+                                envelope: &envelope,
+                                raw_body: &raw_body,
+                                content_type: &content_type,
+                            },
+                        )
+                    },
+                );
                 if !handed_over {
                     for target in &decision.targets {
                         self.fleet.wake(target);

@@ -370,9 +370,29 @@ impl TimeArg {
     }
 }
 
+/// Ids (or hashes) an operator listed, handed out a chunk at a time.
+struct Listed<I> {
+    items: Vec<I>,
+    position: usize,
+}
+
+impl<I> Listed<I> {
+    fn new(items: Vec<I>) -> Listed<I> {
+        Listed { items, position: 0 }
+    }
+
+    /// The next chunk, or None when all were handed out.
+    fn next_chunk(&mut self) -> Option<&[I]> {
+        let start = self.position.min(self.items.len());
+        let end = (start + CHUNK).min(self.items.len());
+        self.position = end;
+        (start < end).then(|| &self.items[start..end])
+    }
+}
+
 /// What a selection resolved to.
 enum Chosen<I, F> {
-    Ids(Vec<I>),
+    Ids(Listed<I>),
     Filter(F),
 }
 
@@ -392,7 +412,7 @@ fn choose_dead_letters(body: Value) -> Result<Chosen<DeadLetterId, DeadLetterFil
     };
     let filtered = filter != DeadLetterFilter::default();
     match (!s.ids.is_empty(), filtered, s.all) {
-        (true, false, false) => Ok(Chosen::Ids(s.ids)),
+        (true, false, false) => Ok(Chosen::Ids(Listed::new(s.ids))),
         (false, true, false) => Ok(Chosen::Filter(filter)),
         (false, false, true) => Ok(Chosen::Filter(filter)),
         (false, false, false) => Err(bad_request(SAY_WHICH)),
@@ -408,7 +428,7 @@ fn choose_quarantine(body: Value) -> Result<Chosen<String, QuarantineFilter>, Re
     };
     let filtered = filter != QuarantineFilter::default();
     match (!s.hashes.is_empty(), filtered, s.all) {
-        (true, false, false) => Ok(Chosen::Ids(s.hashes)),
+        (true, false, false) => Ok(Chosen::Ids(Listed::new(s.hashes))),
         (false, true, false) | (false, false, true) => Ok(Chosen::Filter(filter)),
         (false, false, false) => Err(bad_request(SAY_WHICH)),
         _ => Err(bad_request(format!("give only one of them: {SAY_WHICH}"))),
@@ -420,7 +440,6 @@ fn choose_quarantine(body: Value) -> Result<Chosen<String, QuarantineFilter>, Re
 /// back to the dead letters are not taken again.
 struct DeadLetterChunks {
     chosen: Chosen<DeadLetterId, DeadLetterFilter>,
-    position: usize,
     after: Option<DeadLetterId>,
     /// A filter's walk ends at the newest dead letter when it began (ids
     /// grow), read on the first step; `Some(None)`: there were none.
@@ -433,7 +452,6 @@ impl DeadLetterChunks {
     fn new(chosen: Chosen<DeadLetterId, DeadLetterFilter>) -> DeadLetterChunks {
         DeadLetterChunks {
             chosen,
-            position: 0,
             after: None,
             up_to: None,
             missing: Vec::new(),
@@ -441,14 +459,11 @@ impl DeadLetterChunks {
     }
 
     async fn next(&mut self, admin: &Admin) -> Result<Option<Vec<DeadLetter>>, Refusal> {
-        let letters = match &self.chosen {
-            Chosen::Ids(ids) => {
-                let chunk =
-                    &ids[self.position.min(ids.len())..(self.position + CHUNK).min(ids.len())];
-                if chunk.is_empty() {
+        let letters = match &mut self.chosen {
+            Chosen::Ids(listed) => {
+                let Some(chunk) = listed.next_chunk() else {
                     return Ok(None);
-                }
-                self.position += chunk.len();
+                };
                 let mut letters = Vec::with_capacity(chunk.len());
                 for id in chunk {
                     match admin.store.dead_letter(*id).await? {
@@ -642,7 +657,6 @@ async fn show_quarantined(admin: &Admin, hash: &str) -> Answer {
 /// The chosen quarantined bodies, a chunk at a time.
 struct QuarantineChunks {
     chosen: Chosen<String, QuarantineFilter>,
-    position: usize,
     after: Option<(i64, String)>,
     /// Hashes asked for that are not in the quarantine.
     missing: Vec<String>,
@@ -652,21 +666,17 @@ impl QuarantineChunks {
     fn new(chosen: Chosen<String, QuarantineFilter>) -> QuarantineChunks {
         QuarantineChunks {
             chosen,
-            position: 0,
             after: None,
             missing: Vec::new(),
         }
     }
 
     async fn next(&mut self, admin: &Admin) -> Result<Option<Vec<QuarantinedBody>>, Refusal> {
-        let bodies = match &self.chosen {
-            Chosen::Ids(hashes) => {
-                let chunk = &hashes
-                    [self.position.min(hashes.len())..(self.position + CHUNK).min(hashes.len())];
-                if chunk.is_empty() {
+        let bodies = match &mut self.chosen {
+            Chosen::Ids(listed) => {
+                let Some(chunk) = listed.next_chunk() else {
                     return Ok(None);
-                }
-                self.position += chunk.len();
+                };
                 let mut bodies = Vec::with_capacity(chunk.len());
                 for hash in chunk {
                     match admin.store.quarantined(hash).await? {
