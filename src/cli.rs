@@ -279,6 +279,12 @@ async fn run(config: Config, path: &std::path::Path, watch: bool) -> anyhow::Res
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    // What `--watch` compares with: the file as it was before the start.
+    let baseline = if watch {
+        crate::watch::digest(path).await
+    } else {
+        None
+    };
     let relay = Arc::new(crate::relay::start(config).await?);
     let token: CancellationToken = relay.shutdown_token();
     let watcher = watch.then(|| {
@@ -289,6 +295,7 @@ async fn run(config: Config, path: &std::path::Path, watch: bool) -> anyhow::Res
             path.clone(),
             crate::watch::POLL_EVERY,
             token.clone(),
+            baseline,
             move || reload(&relay, &path),
         ))
     });

@@ -19,15 +19,17 @@ use tokio_util::sync::CancellationToken;
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
 
 /// Calls `changed` each time the contents of `path` settle (the same on two
-/// polls in a row) on something other than the last contents applied (the
-/// first read is the baseline), until `stop`.
+/// polls in a row) on something other than the last contents applied, until
+/// `stop`. `baseline` is the digest of what the relay started with, read
+/// before it started, so a change made while it started is not missed.
 pub async fn watch_file(
     path: PathBuf,
     every: Duration,
     stop: CancellationToken,
+    baseline: Option<Vec<u8>>,
     mut changed: impl FnMut(),
 ) {
-    let mut applied = digest(&path).await;
+    let mut applied = baseline;
     let mut previous = applied.clone();
     loop {
         tokio::select! {
@@ -48,7 +50,7 @@ pub async fn watch_file(
 }
 
 /// A digest of the file's contents, None when it cannot be read right now.
-async fn digest(path: &PathBuf) -> Option<Vec<u8>> {
+pub async fn digest(path: &std::path::Path) -> Option<Vec<u8>> {
     tokio::fs::read(path)
         .await
         .map(|bytes| Sha256::digest(&bytes).to_vec())
