@@ -20,14 +20,16 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::access::{AccessPolicy, ConnectionInfo, Denied};
-use crate::delivery::fleet::{Committed, Fleet};
+use crate::delivery::fleet::{Committed, Fleet, Handoff};
 use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse};
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::postback::{self, Postback};
 use crate::routing::{Decision, Router};
-use crate::store::{now_ms, Acceptance, NewPostback, QuarantineEntry, Store, StoreError};
+use crate::store::{
+    now_ms, Acceptance, JobId, NewPostback, OnCommit, QuarantineEntry, Store, StoreError,
+};
 
 /// Seconds Sinch is asked to wait after a 503 (it waits ~5 minutes anyway).
 const RETRY_AFTER_SECONDS: &str = "30";
@@ -209,15 +211,9 @@ impl Ingest {
         // (see `delivery::fleet`); the store keeps them leased meanwhile.
         let handoff = self.fleet.reserve(&decision.targets);
         new.leased_until_ms = handoff.as_ref().map(|h| h.leased_until_ms);
-        // What the hand-over needs after `accept` took `new` (only then).
-        let bodies = handoff.as_ref().map(|_| {
-            (
-                new.envelope.clone(),
-                new.raw_body.clone(),
-                new.content_type.clone(),
-            )
-        });
-        let result = self.store.accept(new).await;
+        let on_commit = (!decision.targets.is_empty())
+            .then(|| self.start_jobs(&new, &decision.targets, postback.tracking_id(), handoff));
+        let result = self.store.accept(new, on_commit).await;
         let log = |outcome: &str, id: &str| {
             tracing::info!(
                 id, origin = postback.origin(), code = postback.code(),
@@ -227,32 +223,11 @@ impl Ingest {
             );
         };
         match result {
-            Ok(Acceptance::Accepted { leased }) => {
+            Ok(Acceptance::Accepted) => {
                 log("accepted", &id);
                 if decision.targets.is_empty() {
                     tracing::warn!(id = %id, tracking_id = postback.tracking_id().unwrap_or(""),
                         "no route matched; kept as dead letter \"no route\"");
-                }
-                let handed_over = handoff.zip(bodies).is_some_and(
-                    |(handoff, (envelope, raw_body, content_type))| {
-                        handoff.deliver(
-                            &decision.targets,
-                            &leased,
-                            Committed {
-                                event_id: &id,
-                                tracking_id: postback.tracking_id(),
-                                created_at_ms: received_at_ms,
-                                envelope: &envelope,
-                                raw_body: &raw_body,
-                                content_type: &content_type,
-                            },
-                        )
-                    },
-                );
-                if !handed_over {
-                    for target in &decision.targets {
-                        self.fleet.wake(target);
-                    }
                 }
                 (
                     Outcome::Accepted,
@@ -274,6 +249,53 @@ impl Ingest {
                 (Outcome::Error, unavailable(&err))
             }
         }
+    }
+
+    /// What the store runs once the postback's jobs exist: hand them to
+    /// the dispatchers reserved for them, or else wake the dispatchers to
+    /// claim them.
+    fn start_jobs(
+        &self,
+        new: &NewPostback,
+        targets: &[String],
+        tracking_id: Option<&str>,
+        handoff: Option<Handoff>,
+    ) -> OnCommit {
+        let fleet = self.fleet.clone();
+        let targets = targets.to_vec();
+        let tracking_id = tracking_id.map(str::to_owned);
+        let (event_id, created_at_ms) = (new.id.clone(), new.received_at_ms);
+        let bodies = handoff.as_ref().map(|_| {
+            (
+                new.envelope.clone(),
+                new.raw_body.clone(),
+                new.content_type.clone(),
+            )
+        });
+        Box::new(move |leased: &[JobId]| {
+            let handed_over =
+                handoff
+                    .zip(bodies)
+                    .is_some_and(|(handoff, (envelope, raw_body, content_type))| {
+                        handoff.deliver(
+                            &targets,
+                            leased,
+                            Committed {
+                                event_id: &event_id,
+                                tracking_id: tracking_id.as_deref(),
+                                created_at_ms,
+                                envelope: &envelope,
+                                raw_body: &raw_body,
+                                content_type: &content_type,
+                            },
+                        )
+                    });
+            if !handed_over {
+                for target in &targets {
+                    fleet.wake(target);
+                }
+            }
+        })
     }
 
     async fn quarantine(

@@ -57,8 +57,8 @@ pub async fn replay_body(
         source,
     );
     let id = new.id.clone();
-    let outcome = match store.accept(new).await? {
-        Acceptance::Accepted { .. } => Replayed::Accepted {
+    let outcome = match store.accept(new, None).await? {
+        Acceptance::Accepted => Replayed::Accepted {
             id,
             targets: decision.targets,
         },

@@ -22,7 +22,7 @@ use crate::ingest::Ingest;
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::routing::Router;
-use crate::store::{self, Role, Store};
+use crate::store::{self, Store};
 use crate::tls::TlsReloader;
 
 /// How often the queue gauges are read from the store.
@@ -160,7 +160,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let ingest_addr = ingest_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let store: Arc<dyn Store> = store::open(&config, Role::Daemon)
+    let store: Arc<dyn Store> = store::open(&config)
         .await
         .with_context(|| format!("cannot open the store ({})", config.store.describe()))?;
     let metrics = Metrics::new();

@@ -346,10 +346,10 @@ async fn a_full_disk_answers_503_and_recovers_by_itself() {
         let filler = disk.path().join("filler");
         let filled = disk.fill("filler");
 
-        // A few postbacks may still commit into WAL space SQLite had already
-        // allocated: those are durable and answered 200 (and must be delivered
-        // later). Once the store truly cannot write, every postback is 503
-        // with Retry-After, at once.
+        // A few postbacks may still be journaled into space the filesystem
+        // had left: those are durable and answered 200 (and must be moved in
+        // and delivered once space returns). Once the journal truly cannot
+        // write, every postback is 503 with Retry-After, at once.
         let client = http_client();
         let mut refused = Vec::new();
         let mut refusal_times = Vec::new();
@@ -385,12 +385,6 @@ async fn a_full_disk_answers_503_and_recovers_by_itself() {
             assert_eq!(readyz(&relay).await, 503, "/readyz with a full disk");
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
-        // The 503s committed nothing.
-        assert_eq!(
-            query_int(&db, "SELECT COUNT(*) FROM dedupe WHERE key LIKE '%|full-%'"),
-            accepted_while_full,
-            "a postback answered 503 was committed"
-        );
 
         // Space comes back: the relay recovers without any traffic.
         std::fs::remove_file(&filler).expect("remove the filler");
@@ -405,6 +399,26 @@ async fn a_full_disk_answers_503_and_recovers_by_itself() {
         )
         .await;
         let ready_after = freed.elapsed();
+        // What was acknowledged while the disk was full is moved in from the
+        // intake journal; the 503s committed nothing.
+        eventually(
+            Duration::from_secs(10),
+            "postbacks acknowledged on the full disk moved into SQLite",
+            || {
+                let db = &db;
+                async move {
+                    (query_int(db, "SELECT COUNT(*) FROM dedupe WHERE key LIKE '%|full-%'")
+                        >= accepted_while_full)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            query_int(&db, "SELECT COUNT(*) FROM dedupe WHERE key LIKE '%|full-%'"),
+            accepted_while_full,
+            "a postback answered 503 was committed"
+        );
         let (after, _) = post_serially(&relay.url, "after", 5).await;
         let accepting_after = freed.elapsed();
         acknowledged.extend(after);
@@ -434,6 +448,67 @@ async fn a_full_disk_answers_503_and_recovers_by_itself() {
 // ---------------------------------------------------------------------------
 // 5. Targets answering 410 and 422: one attempt, a dead letter, no retry storm
 // ---------------------------------------------------------------------------
+
+/// Segments of the intake journal and the bytes they hold.
+fn journal_segments(journal: &std::path::Path) -> (usize, u64) {
+    std::fs::read_dir(journal)
+        .expect("the intake journal's directory")
+        .map(|entry| {
+            entry
+                .expect("a journal entry")
+                .metadata()
+                .expect("metadata")
+                .len()
+        })
+        .fold((0, 0), |(files, bytes), len| (files + 1, bytes + len))
+}
+
+/// While SQLite cannot be written, the intake journal is the only copy of an
+/// acknowledged postback: a SIGKILL then must not lose it, the restart moves
+/// it in and delivers it, and a clean stop leaves no journal behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postbacks_only_in_the_intake_journal_survive_sigkill() {
+    tokio::time::timeout(LIMIT, async {
+        let sink = Sink::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "{DELIVERY}targets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
+                sink.url("/inbox")
+            ),
+        );
+        let db = dir.path().join("relay.db");
+        let journal = dir.path().join("relay.db.intake");
+        let mut relay = RelayProcess::spawn(&config).await;
+
+        let lock = rusqlite::Connection::open(&db).expect("open db");
+        lock.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
+        let (acknowledged, _) = post_serially(&relay.url, "journal-only", 10).await;
+        assert_eq!(query_int(&db, "SELECT COUNT(*) FROM events"), 0);
+        tokio::task::block_in_place(|| relay.kill());
+        lock.execute_batch("ROLLBACK").expect("release the write lock");
+        drop(lock);
+        let (_, journaled) = journal_segments(&journal);
+        assert!(journaled > 0, "the killed relay left no journal");
+        assert_eq!(sink.received_count(), 0, "delivered before the restart");
+
+        let relay = RelayProcess::spawn(&config).await;
+        let received = wait_for_all(&sink, &acknowledged, Duration::from_secs(20)).await;
+        assert_eq!(received.len(), acknowledged.len());
+        let (status, lines) =
+            tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(20)));
+        assert!(status.success(), "exit {status}:\n{}", lines.join("\n"));
+        assert!(
+            lines.iter().any(|line| line.contains("moved acknowledged postbacks from the intake journal")),
+            "the restart did not report the journal it moved in"
+        );
+        assert_eq!(journal_segments(&journal), (0, 0), "a clean stop left journal segments");
+        println!("journal-only postbacks: {} acknowledged while SQLite was locked ({journaled} journal bytes), all delivered after SIGKILL and restart", acknowledged.len());
+    })
+    .await
+    .expect("the journal test ends in time");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_refusing_for_good_gets_one_attempt_and_a_dead_letter() {

@@ -16,6 +16,7 @@
 //! [`PostgresStore`] (several instances sharing one queue); [`open`] picks the
 //! one the config names.
 
+mod intake;
 mod postgres;
 mod sqlite;
 
@@ -30,20 +31,11 @@ use crate::config::{Config, StoreBackend};
 pub use postgres::{describe_url, PostgresOptions, PostgresStore, MIN_POOL_SIZE};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
-/// Who opens the store, which decides what may be assumed about other users.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The relay daemon. With SQLite it is the only instance, so leases left
-    /// by a previous process are void; with PostgreSQL other instances' leases
-    /// are alive and are left to run out.
-    Daemon,
-    /// A command-line tool working beside a running relay: it voids nothing
-    /// and starts no background work.
-    Tool,
-}
-
-/// Opens the backend the config names (`store.backend`).
-pub async fn open(config: &Config, role: Role) -> Result<Arc<dyn Store>, StoreError> {
+/// Opens the backend the config names (`store.backend`) for the relay
+/// daemon. With SQLite it is the only instance: leases left by a previous
+/// process are void and its intake journal is moved in. With PostgreSQL other
+/// instances' leases are alive and are left to run out.
+pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     let store = &config.store;
     Ok(match store.backend {
         StoreBackend::Sqlite => Arc::new(SqliteStore::open(SqliteOptions {
@@ -52,7 +44,6 @@ pub async fn open(config: &Config, role: Role) -> Result<Arc<dyn Store>, StoreEr
             busy_timeout: store.busy_timeout.0,
             min_free_bytes: store.min_free_bytes,
             dedupe_window: config.ingest.dedupe_window.0,
-            recover_leases: role == Role::Daemon,
         })?),
         StoreBackend::Postgres => {
             let password = match &store.password {
@@ -67,13 +58,10 @@ pub async fn open(config: &Config, role: Role) -> Result<Arc<dyn Store>, StoreEr
                 PostgresStore::open(PostgresOptions {
                     url: store.url.clone().unwrap_or_default(),
                     password,
-                    pool_size: match role {
-                        Role::Daemon => store.pool_size,
-                        Role::Tool => 2,
-                    },
+                    pool_size: store.pool_size,
                     lease: store.lease.map(|lease| lease.0),
                     dedupe_window: config.ingest.dedupe_window.0,
-                    background: role == Role::Daemon,
+                    background: true,
                 })
                 .await?,
             )
@@ -110,22 +98,26 @@ pub struct NewPostback {
     pub content_type: Option<String>,
     /// Routed targets; empty means "no route" (kept as a dead letter).
     pub targets: Vec<String>,
-    /// Insert the jobs already leased until this time and return their ids,
-    /// so ingest can hand them to the dispatchers in memory, with no claim
-    /// transaction (see `delivery::fleet`). A backend may ignore it (the
-    /// jobs are then due at once and claimed as usual).
+    /// Insert the jobs already leased until this time, so ingest can hand
+    /// them to the dispatchers in memory, with no claim transaction (see
+    /// `delivery::fleet` and [`OnCommit`]). A backend may ignore it (the jobs
+    /// are then due at once and claimed as usual).
     pub leased_until_ms: Option<i64>,
 }
+
+/// Run by the store once an accepted postback's jobs exist in it, with their
+/// ids in target order when it inserted them leased
+/// ([`NewPostback::leased_until_ms`]), empty otherwise. The SQLite store
+/// acknowledges before its writer thread has inserted the jobs (see
+/// `store::intake`), so whatever starts them must wait for this. It runs on
+/// the committing thread: it must not block.
+pub type OnCommit = Box<dyn FnOnce(&[JobId]) + Send>;
 
 /// What [`Store::accept`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acceptance {
-    /// Committed with its jobs.
-    Accepted {
-        /// The jobs' ids in target order when they were inserted leased
-        /// ([`NewPostback::leased_until_ms`]); empty otherwise.
-        leased: Vec<JobId>,
-    },
+    /// Durably committed (as `store.sync` promises); its jobs follow.
+    Accepted,
     /// Seen within the dedupe window; nothing new was stored.
     Duplicate {
         /// Envelope id of the first copy.
@@ -339,8 +331,13 @@ pub enum StoreError {
 /// The durable queue behind the relay; see the module docs for the contract.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Commits a postback and its jobs (or finds it a duplicate).
-    async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError>;
+    /// Commits a postback and its jobs (or finds it a duplicate); runs
+    /// `on_commit` once the jobs exist (never for a duplicate).
+    async fn accept(
+        &self,
+        postback: NewPostback,
+        on_commit: Option<OnCommit>,
+    ) -> Result<Acceptance, StoreError>;
     /// Keeps an unparseable body.
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError>;
     /// Quarantined bodies by first arrival (then hash); the page cursor is

@@ -51,9 +51,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
-    NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody, Store,
-    StoreError, TargetQueue, TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET,
-    QUARANTINE_SELECT,
+    NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody,
+    Store, StoreError, TargetQueue, TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM,
+    NO_ROUTE_TARGET, QUARANTINE_SELECT,
 };
 
 /// Connecting to the server, and waiting for a free pooled connection.
@@ -470,13 +470,23 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError> {
+    async fn accept(
+        &self,
+        postback: NewPostback,
+        on_commit: Option<OnCommit>,
+    ) -> Result<Acceptance, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.accepts
             .send(Accept { postback, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let acceptance = answer.await.map_err(|_| StoreError::Closed)??;
+        // Committed, and the jobs are due at once (this backend does not
+        // lease fresh jobs): whoever waits for them may claim now.
+        if let (Acceptance::Accepted, Some(on_commit)) = (&acceptance, on_commit) {
+            on_commit(&[]);
+        }
+        Ok(acceptance)
     }
 
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError> {
@@ -1126,10 +1136,7 @@ impl Shared {
             let answer = match &owners {
                 Err(error) => Err(error.clone()),
                 Ok((owners, errors)) => match (owners.get(&key), errors.get(&key)) {
-                    (Some(owner), _) if *owner == postback.id => Ok(Acceptance::Accepted {
-                        // Jobs are inserted due: the dispatchers claim them.
-                        leased: Vec::new(),
-                    }),
+                    (Some(owner), _) if *owner == postback.id => Ok(Acceptance::Accepted),
                     (Some(owner), _) => Ok(Acceptance::Duplicate {
                         original_id: owner.clone(),
                     }),

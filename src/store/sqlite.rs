@@ -1,14 +1,15 @@
 //! The embedded store: SQLite in WAL mode, written by one thread with group commit.
 //!
-//! Every write (accept, quarantine, claim, complete) is a command sent to one
-//! writer thread. The thread takes whatever commands are waiting, applies them in
-//! one transaction (each in its own savepoint, so one bad command cannot spoil
-//! the others), commits once, and only then answers every caller. Concurrent
-//! postbacks therefore share one fsync, and nobody hears "committed" before the
-//! commit. Reads for the gauges use a second connection, so a `COUNT(*)` over a
-//! large backlog never delays an ingest commit.
+//! Accepted postbacks are made durable in the intake journal on the request's
+//! own task (see `store::intake`) and moved into SQLite by the writer thread
+//! afterwards. Every other write (quarantine, claim, complete, an operator's
+//! change) is a command sent to that one writer thread. The thread takes
+//! whatever commands are waiting, applies them in one transaction (each in its
+//! own savepoint, so one bad command cannot spoil the others), commits once,
+//! and only then answers every caller. Reads for the gauges use a second
+//! connection, so a `COUNT(*)` over a large backlog never delays a commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,11 +20,12 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use super::intake::{Intake, Journaled};
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
-    NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody, Store,
-    StoreError, TargetQueue, TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET,
-    QUARANTINE_SELECT,
+    NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody,
+    Store, StoreError, TargetQueue, TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM,
+    NO_ROUTE_TARGET, QUARANTINE_SELECT,
 };
 use crate::config::SyncMode;
 
@@ -34,6 +36,12 @@ const DEDUPE_PRUNE_LIMIT: i64 = 10_000;
 const MAX_BATCH: usize = 512;
 /// Commands waiting for the writer before callers wait for room.
 const QUEUE_CAPACITY: usize = 16 * 1024;
+/// How often the writer makes its moves from the intake journal durable
+/// (one fsync), after which the journal's covered segments are deleted.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// How long the writer waits before trying again to move postbacks that
+/// SQLite refused (a full disk); they stay safe in the journal meanwhile.
+const STALLED_RETRY: Duration = Duration::from_millis(100);
 
 /// The schema, versioned with `PRAGMA user_version`; each entry migrates from the
 /// previous version.
@@ -114,6 +122,14 @@ CREATE TABLE target_pauses (
     paused_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    // The intake journal (store::intake): every record up to `seq` is moved.
+    r#"
+CREATE TABLE intake_moved (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
+INSERT INTO intake_moved (id, seq) VALUES (1, 0);
+"#,
 ];
 
 /// Options the SQLite store is opened with.
@@ -129,10 +145,6 @@ pub struct SqliteOptions {
     pub dedupe_window: Duration,
     /// Below this much free space on the store's filesystem, `is_ready` is false.
     pub min_free_bytes: u64,
-    /// Void the leases of a previous process at open. True for the daemon
-    /// (the only instance); false for command-line tools that open the store
-    /// beside a running relay, whose leases are alive.
-    pub recover_leases: bool,
 }
 
 /// The SQLite implementation of [`Store`].
@@ -142,6 +154,7 @@ pub struct SqliteStore {
     directory: PathBuf,
     min_free_bytes: u64,
     reader: Arc<Mutex<Connection>>,
+    intake: Arc<Intake>,
     ready: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -150,7 +163,8 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// One write, with the channel its caller waits on.
 enum Command {
-    Accept(NewPostback, Reply<Acceptance>),
+    /// An acknowledged postback on its way from the journal into SQLite.
+    Move(Box<Moving>),
     Quarantine(QuarantineEntry, Reply<()>),
     /// An operator's write (admin API, tools): rare, so one generic shape.
     Maintenance(Box<dyn Maintenance>),
@@ -166,7 +180,9 @@ enum Command {
 }
 
 impl SqliteStore {
-    /// Opens (creating and migrating) the database and starts the writer thread.
+    /// Opens (creating and migrating) the database, moves in what the
+    /// intake journal holds, and starts the writer thread. The relay is the
+    /// only instance: leases left by a crashed process are void.
     pub fn open(options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|err| {
@@ -175,15 +191,13 @@ impl SqliteStore {
         }
         let mut writer = open_connection(&options.path, &options)?;
         migrate(&mut writer)?;
-        if options.recover_leases {
-            // We are the only instance: leases left by a crashed process are void.
-            writer
-                .execute(
-                    "UPDATE jobs SET next_at = ?1, lease_until = 0 WHERE lease_until > 0",
-                    [now_ms()],
-                )
-                .map_err(db_error)?;
-        }
+        let (intake, moved_through) = recover_intake(&mut writer, &options)?;
+        writer
+            .execute(
+                "UPDATE jobs SET next_at = ?1, lease_until = 0 WHERE lease_until > 0",
+                [now_ms()],
+            )
+            .map_err(db_error)?;
         let reader = open_connection(&options.path, &options)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let ready = Arc::new(AtomicBool::new(true));
@@ -201,7 +215,16 @@ impl SqliteStore {
             .busy_timeout(CHECKPOINT_BUSY_TIMEOUT)
             .map_err(db_error)?;
         let checkpointer = Checkpointer::start(checkpointer_conn)?;
+        let intake = Arc::new(intake);
         let worker = Writer {
+            intake: intake.clone(),
+            watermark: Watermark {
+                through: moved_through,
+                ahead: BTreeSet::new(),
+            },
+            durable_through: moved_through,
+            last_durable: std::time::Instant::now(),
+            stalled: Vec::new(),
             conn: writer,
             sync: options.sync.into(),
             current_sync: None,
@@ -223,6 +246,7 @@ impl SqliteStore {
             directory,
             min_free_bytes: options.min_free_bytes,
             reader: Arc::new(Mutex::new(reader)),
+            intake,
             ready,
             writer: Mutex::new(Some(handle)),
         })
@@ -271,8 +295,31 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError> {
-        self.call(|reply| Command::Accept(postback, reply)).await
+    async fn accept(
+        &self,
+        postback: NewPostback,
+        on_commit: Option<OnCommit>,
+    ) -> Result<Acceptance, StoreError> {
+        // Room for the move first: from the append to the send nothing
+        // awaits, so a caller that goes away cannot strand a journaled
+        // record outside the writer's reach. A writer that far behind (a
+        // locked or full database) gets a prompt 503, not a wait.
+        let room = self.commands.try_reserve().map_err(|err| match err {
+            mpsc::error::TrySendError::Full(()) => {
+                StoreError::Database("the store's writer is too far behind; retry later".into())
+            }
+            mpsc::error::TrySendError::Closed(()) => StoreError::Closed,
+        })?;
+        let seq = match self.intake.append(&postback)? {
+            Ok(seq) => seq,
+            Err(duplicate) => return Ok(duplicate),
+        };
+        room.send(Command::Move(Box::new(Moving {
+            journaled: Journaled { seq, postback },
+            on_commit,
+        })));
+        self.intake.sync_through(seq).await?;
+        Ok(Acceptance::Accepted)
     }
 
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError> {
@@ -519,6 +566,7 @@ impl Store for SqliteStore {
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
             && !self.commands.is_closed()
+            && self.intake.failure().is_none()
             && self
                 .free_bytes()
                 .is_none_or(|free| free >= self.min_free_bytes)
@@ -658,7 +706,7 @@ fn dead_letter_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
     })
 }
 
-fn db_error(err: rusqlite::Error) -> StoreError {
+pub(super) fn db_error(err: rusqlite::Error) -> StoreError {
     StoreError::Database(err.to_string())
 }
 
@@ -675,6 +723,41 @@ struct Writer {
     ready: Arc<AtomicBool>,
     /// When expired dedupe keys were last deleted.
     last_prune: std::time::Instant,
+    /// Where accepted postbacks wait to be moved in.
+    intake: Arc<Intake>,
+    /// How far the journal is moved into SQLite (committed).
+    watermark: Watermark,
+    /// How far a durable commit holds the moves: the journal may go that far.
+    durable_through: u64,
+    last_durable: std::time::Instant,
+    /// Moves SQLite refused (a full disk), tried again after [`STALLED_RETRY`].
+    stalled: Vec<Moving>,
+}
+
+/// An acknowledged postback on its way from the journal into SQLite.
+struct Moving {
+    journaled: Journaled,
+    on_commit: Option<OnCommit>,
+}
+
+/// The journal position up to which every record is in SQLite. Records
+/// reach the writer roughly, not exactly, in order: those moved past a gap
+/// wait in `ahead` until the gap is filled.
+#[derive(Debug, Clone)]
+struct Watermark {
+    through: u64,
+    ahead: BTreeSet<u64>,
+}
+
+impl Watermark {
+    fn with(&self, moved: impl Iterator<Item = u64>) -> Watermark {
+        let mut next = self.clone();
+        next.ahead.extend(moved);
+        while next.ahead.remove(&(next.through + 1)) {
+            next.through += 1;
+        }
+        next
+    }
 }
 
 /// A computed answer, held back until the batch commits.
@@ -693,11 +776,33 @@ impl<T: Send> Pending for (Reply<T>, Result<T, StoreError>) {
     }
 }
 
+/// What one transaction did besides answering callers.
+#[derive(Default)]
+struct Applied {
+    answers: Vec<Box<dyn Pending>>,
+    moves: Vec<Moved>,
+}
+
+/// A move with its inserted jobs' ids, or why SQLite refused it.
+type Moved = (Box<Moving>, Result<Vec<JobId>, StoreError>);
+
 impl Writer {
     fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = receiver.blocking_recv() {
-            batch.push(first);
+        loop {
+            if self.stalled.is_empty() {
+                match receiver.blocking_recv() {
+                    Some(first) => batch.push(first),
+                    None => return,
+                }
+            } else {
+                std::thread::sleep(STALLED_RETRY);
+                batch.extend(
+                    self.stalled
+                        .drain(..)
+                        .map(|moving| Command::Move(Box::new(moving))),
+                );
+            }
             while batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
                     Ok(command) => batch.push(command),
@@ -725,6 +830,11 @@ impl Writer {
                         other => batch.push(other),
                     }
                 }
+                batch.extend(
+                    self.stalled
+                        .drain(..)
+                        .map(|moving| Command::Move(Box::new(moving))),
+                );
                 let rest: Vec<Command> = std::mem::take(&mut batch);
                 if !rest.is_empty() {
                     self.apply_batch(rest);
@@ -734,6 +844,14 @@ impl Writer {
                     .set_sync(true)
                     .and_then(|()| self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
                     .map_err(db_error);
+                // The checkpoint synced everything moved: the journal may go,
+                // except what is still stalled (moved at the next start).
+                let durable = if result.is_ok() {
+                    self.watermark.through
+                } else {
+                    self.durable_through
+                };
+                self.intake.close(durable);
                 let _ = reply.send(result);
                 return;
             }
@@ -742,9 +860,9 @@ impl Writer {
 
     /// Applies `commands` in one transaction and answers them after the commit.
     fn apply_batch(&mut self, commands: Vec<Command>) {
-        let mut pending: Vec<Box<dyn Pending>> = Vec::with_capacity(commands.len());
+        let mut applied = Applied::default();
         let changes_before = self.conn.total_changes();
-        let outcome = self.transaction(commands, &mut pending);
+        let outcome = self.transaction(commands, &mut applied);
         match &outcome {
             // Only a commit that wrote something shows that the store can
             // commit: a batch that changed nothing (an idle dispatcher's empty
@@ -759,31 +877,70 @@ impl Writer {
                 tracing::error!(error = %err, "store commit failed; answering 503 until it recovers");
             }
         }
-        for answer in pending {
+        for answer in applied.answers {
             answer.send(outcome.as_ref().err());
+        }
+        self.finish_moves(applied.moves, outcome.is_ok());
+    }
+
+    /// Starts the jobs of moved postbacks; keeps refused moves for later.
+    fn finish_moves(&mut self, moves: Vec<Moved>, committed: bool) {
+        let mut started = Vec::with_capacity(moves.len());
+        for (moving, result) in moves {
+            match result {
+                Ok(ids) if committed => started.push((moving, ids)),
+                Ok(_) => self.stalled.push(*moving),
+                Err(err) => {
+                    self.ready.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %err, id = %moving.journaled.postback.id,
+                        "an acknowledged postback could not be moved into SQLite; it stays in the intake journal and is tried again");
+                    self.stalled.push(*moving);
+                }
+            }
+        }
+        self.intake
+            .moved(started.iter().map(|(moving, _)| &moving.journaled.postback));
+        for (moving, ids) in started {
+            if let Some(on_commit) = moving.on_commit {
+                on_commit(&ids);
+            }
         }
     }
 
     fn transaction(
         &mut self,
         commands: Vec<Command>,
-        pending: &mut Vec<Box<dyn Pending>>,
+        applied: &mut Applied,
     ) -> Result<(), StoreError> {
-        // Only what ingest acknowledges needs its fsync before the answer:
-        // delivery bookkeeping (claims, outcomes) is written without one, and
-        // the next durable commit's fsync covers it. Losing it to a power cut
-        // costs a repeated delivery, never a lost postback.
-        let durable = commands.iter().any(Command::is_acknowledged);
+        // Only what is acknowledged on the strength of this commit needs its
+        // fsync: delivery bookkeeping (claims, outcomes) is written without
+        // one, and the next durable commit's fsync covers it. Losing it to a
+        // power cut costs a repeated delivery, never a lost postback. Moves
+        // are covered by the journal until a durable commit, once a second.
+        let moves_due = self.watermark.through > self.durable_through
+            && self.last_durable.elapsed() >= DURABLE_EVERY;
+        let durable = moves_due || commands.iter().any(Command::is_acknowledged);
         let begin = self
             .set_sync(durable)
             .and_then(|()| run(&self.conn, "BEGIN IMMEDIATE"));
         let mut aborted = begin.err().map(db_error);
         for command in commands {
             if let Some(err) = &aborted {
-                fail(command, err);
+                match command {
+                    Command::Move(moving) => self.stalled.push(*moving),
+                    other => fail(other, err),
+                }
                 continue;
             }
-            let answer = self.apply_one(command);
+            match command {
+                Command::Move(moving) => {
+                    let result = isolated(&self.conn, |c| {
+                        insert_postback(c, &moving.journaled.postback)
+                    });
+                    applied.moves.push((moving, result));
+                }
+                other => applied.answers.push(self.apply_one(other)),
+            }
             // Some errors (disk full, I/O) roll back the whole transaction:
             // then nothing of this batch can be committed.
             if self.conn.is_autocommit() {
@@ -791,11 +948,27 @@ impl Writer {
                     "transaction rolled back by the database".into(),
                 ));
             }
-            pending.push(answer);
         }
         if let Some(err) = aborted {
             let _ = run(&self.conn, "ROLLBACK");
             return Err(err);
+        }
+        let watermark = self.watermark.with(
+            applied
+                .moves
+                .iter()
+                .filter(|(_, result)| result.is_ok())
+                .map(|(moving, _)| moving.journaled.seq),
+        );
+        if watermark.through != self.watermark.through {
+            if let Err(err) = self
+                .conn
+                .prepare_cached("UPDATE intake_moved SET seq = ?1 WHERE id = 1")
+                .and_then(|mut statement| statement.execute([watermark.through as i64]))
+            {
+                let _ = run(&self.conn, "ROLLBACK");
+                return Err(db_error(err));
+            }
         }
         if self.last_prune.elapsed() >= DEDUPE_PRUNE_EVERY {
             self.last_prune = std::time::Instant::now();
@@ -807,11 +980,17 @@ impl Writer {
             let _ = run(&self.conn, "ROLLBACK");
             return Err(db_error(err));
         }
+        self.watermark = watermark;
+        if durable {
+            self.durable_through = self.watermark.through;
+            self.last_durable = std::time::Instant::now();
+            self.intake.forget_through(self.durable_through);
+        }
         Ok(())
     }
 
     /// Switches `synchronous` between the configured level (for batches that
-    /// carry something ingest will acknowledge) and OFF (bookkeeping only).
+    /// carry something acknowledged) and OFF (bookkeeping only).
     fn set_sync(&mut self, durable: bool) -> rusqlite::Result<()> {
         let wanted = if durable { self.sync } else { Sync::Off };
         if self.current_sync != Some(wanted) {
@@ -823,12 +1002,8 @@ impl Writer {
 
     /// Runs one command inside a savepoint; its own failure is its own answer.
     fn apply_one(&mut self, command: Command) -> Box<dyn Pending> {
-        let window = self.dedupe_window_ms;
         let conn = &self.conn;
         match command {
-            Command::Accept(postback, reply) => {
-                Box::new((reply, isolated(conn, |c| accept(c, &postback, window))))
-            }
             Command::Quarantine(entry, reply) => {
                 Box::new((reply, isolated(conn, |c| quarantine(c, &entry))))
             }
@@ -857,7 +1032,9 @@ impl Writer {
                     .map(drop)
                 }),
             )),
-            Command::Close(_) => unreachable!("close is handled by the run loop"),
+            Command::Move(_) | Command::Close(_) => {
+                unreachable!("moves and close are handled by the transaction and the run loop")
+            }
         }
     }
 }
@@ -991,14 +1168,12 @@ fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 impl Command {
-    /// Whether ingest answers 200 (or 400) on the strength of this write.
+    /// Whether someone is answered on the strength of this write (ingest's
+    /// 400 for a quarantined body; accepted postbacks are in the journal).
     fn is_acknowledged(&self) -> bool {
         // An operator's write (a replay, a pause) is committed durably too:
         // the API answers "done" on the strength of it.
-        matches!(
-            self,
-            Command::Accept(..) | Command::Quarantine(..) | Command::Maintenance(..)
-        )
+        matches!(self, Command::Quarantine(..) | Command::Maintenance(..))
     }
 }
 
@@ -1033,9 +1208,7 @@ impl From<SyncMode> for Sync {
 fn fail(command: Command, error: &StoreError) {
     let err = Err(error.clone());
     match command {
-        Command::Accept(_, reply) => {
-            drop(reply.send(err.map(|()| Acceptance::Accepted { leased: Vec::new() })))
-        }
+        Command::Move(_) => unreachable!("a failed move is kept, not answered"),
         Command::Quarantine(_, reply) => drop(reply.send(err)),
         Command::Claim { reply, .. } => drop(reply.send(err.map(|()| Vec::new()))),
         Command::Maintenance(work) => work.fail(error),
@@ -1045,36 +1218,31 @@ fn fail(command: Command, error: &StoreError) {
     }
 }
 
-fn accept(
-    conn: &Connection,
-    postback: &NewPostback,
-    window_ms: i64,
-) -> rusqlite::Result<Acceptance> {
+/// Inserts an acknowledged postback with its jobs and dedupe key; returns
+/// the jobs' ids in target order. A postback already there (moved before a
+/// crash left the journal behind) is skipped: no jobs, no ids.
+fn insert_postback(conn: &Connection, postback: &NewPostback) -> rusqlite::Result<Vec<JobId>> {
     let now = postback.received_at_ms;
-    let seen: Option<(String, i64)> = conn
-        .prepare_cached("SELECT event_id, accepted_at FROM dedupe WHERE key = ?1")?
-        .query_row([&postback.dedupe_key], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()?;
-    if let Some((original_id, accepted_at)) = seen {
-        if accepted_at >= now - window_ms {
-            return Ok(Acceptance::Duplicate { original_id });
-        }
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO events (id, received_at, envelope, raw_body, content_type) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            postback.id,
+            now,
+            &postback.envelope[..],
+            &postback.raw_body[..],
+            postback.content_type
+        ])?;
+    if inserted == 0 {
+        return Ok(Vec::new());
     }
     conn.prepare_cached(
         "INSERT INTO dedupe (key, event_id, accepted_at) VALUES (?1, ?2, ?3)
          ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id, accepted_at = excluded.accepted_at",
     )?
     .execute(params![postback.dedupe_key, postback.id, now])?;
-    conn.prepare_cached(
-        "INSERT INTO events (id, received_at, envelope, raw_body, content_type) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        postback.id,
-        now,
-        &postback.envelope[..],
-        &postback.raw_body[..],
-        postback.content_type
-    ])?;
     if postback.targets.is_empty() {
         conn.prepare_cached(
             "INSERT INTO dead_letters (event_id, target, reason, attempts, dead_at) VALUES (?1, ?2, 'no route', 0, ?3)",
@@ -1084,19 +1252,54 @@ fn accept(
     let mut insert_job = conn.prepare_cached(
         "INSERT INTO jobs (event_id, target, created_at, next_at, lease_until) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    let mut leased = Vec::new();
+    let (next_at, lease_until) = match postback.leased_until_ms {
+        None => (now, 0),
+        Some(until) => (until, until),
+    };
+    let mut ids = Vec::with_capacity(postback.targets.len());
     for target in &postback.targets {
-        match postback.leased_until_ms {
-            None => insert_job.execute(params![postback.id, target, now, now, 0])?,
-            Some(until) => {
-                let inserted =
-                    insert_job.execute(params![postback.id, target, now, until, until])?;
-                leased.push(conn.last_insert_rowid());
-                inserted
-            }
-        };
+        insert_job.execute(params![postback.id, target, now, next_at, lease_until])?;
+        ids.push(conn.last_insert_rowid());
     }
-    Ok(Acceptance::Accepted { leased })
+    Ok(ids)
+}
+
+/// Opens the intake journal and moves in, durably, what an earlier process
+/// acknowledged but did not move; returns the journal and how far it is moved.
+fn recover_intake(
+    conn: &mut Connection,
+    options: &SqliteOptions,
+) -> Result<(Intake, u64), StoreError> {
+    let moved: i64 = conn
+        .query_row("SELECT seq FROM intake_moved WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .map_err(db_error)?;
+    let (intake, records, written) = Intake::open(
+        &options.path,
+        options.sync,
+        options.dedupe_window.as_millis() as i64,
+        moved as u64,
+        open_connection(&options.path, options)?,
+    )?;
+    if written > moved as u64 {
+        let tx = conn.transaction().map_err(db_error)?;
+        for record in &records {
+            insert_postback(&tx, &record.postback).map_err(db_error)?;
+        }
+        tx.execute(
+            "UPDATE intake_moved SET seq = ?1 WHERE id = 1",
+            [written as i64],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        tracing::info!(
+            postbacks = records.len(),
+            "moved acknowledged postbacks from the intake journal into the store"
+        );
+    }
+    intake.forget_through(written);
+    Ok((intake, written))
 }
 
 fn quarantine(conn: &Connection, entry: &QuarantineEntry) -> rusqlite::Result<()> {
