@@ -9,7 +9,12 @@
 //! How:
 //! - [`Intake::append`] runs on the request's own task: a dedupe check (keys
 //!   journaled but not yet moved, then SQLite's dedupe table), then one framed
-//!   record (length, CRC-32, the postback) appended to the current segment.
+//!   record (length, CRC-32, the postback) written after the last one in the
+//!   current segment. Segments are written full of zeros beforehand (by the
+//!   writer thread, [`Intake::prepare_spare`]): a record then overwrites
+//!   allocated blocks, and its fdatasync flushes data only. An append would
+//!   change the file's size, and the filesystem's journal commit for that
+//!   makes the fdatasync wait for other files' pending writes (SQLite's).
 //! - [`Intake::sync_through`] (`sync: full`) is group commit without a thread
 //!   of its own: the first waiter fdatasyncs everything written so far, for
 //!   everyone; whoever it did not cover takes the next turn.
@@ -17,13 +22,14 @@
 //!   an fsync of their own, and writes in the same transaction the sequence
 //!   number up to which every record is moved. Once a durable SQLite commit
 //!   covers a segment, [`Intake::forget_through`] deletes it.
-//! - At open, [`Intake::open`] returns the records after that number. A torn
-//!   last record (a crash in the middle of a write) was never acknowledged and
-//!   is dropped.
+//! - At open, [`Intake::open`] returns the records after that number. A
+//!   segment ends at its first zero length; a torn last record (a crash in
+//!   the middle of a write) was never acknowledged and is dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,8 +40,9 @@ use rusqlite::{Connection, OptionalExtension};
 use super::{Acceptance, NewPostback, StoreError};
 use crate::config::SyncMode;
 
-/// A segment is closed (and a new one started) past this size, so segments
-/// covered by SQLite can be deleted while the relay keeps writing.
+/// The size segments are written out to beforehand; a segment is closed (and
+/// the next one started) when a record does not fit, so segments covered by
+/// SQLite can be deleted while the relay keeps writing.
 const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 /// Bytes before each record: its length and the CRC-32 of what follows.
 const FRAME_HEADER: usize = 8;
@@ -64,7 +71,10 @@ pub(super) struct Intake {
 struct Active {
     file: Arc<File>,
     segment: u64,
+    /// Where the next record goes in the current segment.
     len: u64,
+    /// The next segment, written out beforehand (see [`Intake::prepare_spare`]).
+    spare: Option<File>,
     next_seq: u64,
     /// Segments no longer written, oldest first, with their last sequence
     /// number: deleted once SQLite durably holds that far.
@@ -116,7 +126,7 @@ impl Intake {
             last_segment = segment;
         }
         let segment = last_segment + 1;
-        let file = create_segment(&dir, segment, sync)?;
+        let file = create_segment(&dir, segment, sync, true)?;
         let intake = Intake {
             dir,
             sync,
@@ -125,6 +135,7 @@ impl Intake {
                 file: Arc::new(file),
                 segment,
                 len: 0,
+                spare: None,
                 next_seq: last_seq + 1,
                 closed,
                 in_flight: HashMap::new(),
@@ -148,20 +159,24 @@ impl Intake {
         if let Some(original_id) = self.seen(&state, postback)? {
             return Ok(Err(Acceptance::Duplicate { original_id }));
         }
-        if state.len >= SEGMENT_BYTES {
-            self.rotate(&mut state)?;
-        }
         let seq = state.next_seq;
-        let state = &mut *state;
-        encode(seq, postback, &mut state.buffer);
-        if let Err(err) = (&*state.file).write_all(&state.buffer) {
-            // Cut a partial record off, so the next one starts clean.
-            if let Err(cut) = state.file.set_len(state.len) {
-                state.failed = Some(format!("intake journal cannot be repaired: {cut}"));
+        let mut buffer = std::mem::take(&mut state.buffer);
+        encode(seq, postback, &mut buffer);
+        if state.len > 0 && state.len + buffer.len() as u64 > SEGMENT_BYTES {
+            if let Err(err) = self.rotate(&mut state) {
+                state.buffer = buffer;
+                return Err(err);
             }
+        }
+        // A partial record left by a failed write is overwritten by the
+        // next one, or ends the segment as a torn record at recovery.
+        let written = state.file.write_all_at(&buffer, state.len);
+        let len = buffer.len() as u64;
+        state.buffer = buffer;
+        if let Err(err) = written {
             return Err(StoreError::Database(format!("intake journal: {err}")));
         }
-        state.len += state.buffer.len() as u64;
+        state.len += len;
         state.next_seq += 1;
         state.in_flight.insert(
             postback.dedupe_key.clone(),
@@ -263,6 +278,9 @@ impl Intake {
             state.failed = Some("the store is closed".into());
             let (segment, last) = (state.segment, state.next_seq - 1);
             state.closed.push_back((segment, last));
+            if state.spare.take().is_some() {
+                state.closed.push_back((segment + 1, last));
+            }
             last
         };
         self.forget_through(durable_seq);
@@ -270,6 +288,34 @@ impl Intake {
             tracing::warn!(
                 "intake journal kept: records after {durable_seq} are moved at the next start"
             );
+        }
+    }
+
+    /// Writes the next segment out beforehand unless it is ready. Called by
+    /// the store's writer thread, off the answer path.
+    pub fn prepare_spare(&self) {
+        let next = {
+            let state = self.lock();
+            if state.spare.is_some() || state.failed.is_some() {
+                return;
+            }
+            state.segment + 1
+        };
+        match create_segment(&self.dir, next, self.sync, true) {
+            Ok(file) => {
+                let mut state = self.lock();
+                if state.segment + 1 == next && state.spare.is_none() {
+                    state.spare = Some(file);
+                    return;
+                }
+                // The current segment moved on meanwhile (a rotation without
+                // a spare): this one is behind it and never used.
+                drop(state);
+                let _ = std::fs::remove_file(segment_path(&self.dir, next));
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "could not write the next intake segment out beforehand")
+            }
         }
     }
 
@@ -292,7 +338,12 @@ impl Intake {
             self.synced.fetch_max(state.next_seq - 1, Ordering::AcqRel);
         }
         let next = state.segment + 1;
-        let file = create_segment(&self.dir, next, self.sync)?;
+        let file = match state.spare.take() {
+            Some(file) => file,
+            // Not ready: a segment that grows (slower to sync) rather than a
+            // wait on the answer path.
+            None => create_segment(&self.dir, next, self.sync, false)?,
+        };
         let closed = (state.segment, state.next_seq - 1);
         state.closed.push_back(closed);
         state.file = Arc::new(file);
@@ -347,13 +398,32 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     Ok(found)
 }
 
-fn create_segment(dir: &Path, segment: u64, sync: SyncMode) -> Result<File, StoreError> {
+/// Creates segment `segment`, written out to [`SEGMENT_BYTES`] of zeros when
+/// `write_out` and the disk has room (else it grows as records come).
+fn create_segment(
+    dir: &Path,
+    segment: u64,
+    sync: SyncMode,
+    write_out: bool,
+) -> Result<File, StoreError> {
     let path = segment_path(dir, segment);
     let file = File::options()
         .create_new(true)
-        .append(true)
+        .read(true)
+        .write(true)
         .open(&path)
         .map_err(|err| io_error(&path, &err))?;
+    if write_out {
+        let zeros = vec![0u8; 1024 * 1024];
+        let written = (0..SEGMENT_BYTES / zeros.len() as u64)
+            .try_for_each(|_| (&file).write_all(&zeros))
+            .and_then(|()| file.sync_all());
+        if let Err(err) = written {
+            tracing::debug!(segment = %path.display(), error = %err,
+                "intake segment not written out beforehand; it grows instead");
+            file.set_len(0).map_err(|err| io_error(&path, &err))?;
+        }
+    }
     if sync == SyncMode::Full {
         // The new name must survive a power cut before records in it count.
         File::open(dir)
@@ -406,7 +476,8 @@ fn put(out: &mut Vec<u8>, field: &[u8]) {
 /// Every whole record of a segment, and whether it ends in a torn one.
 fn decode_all(mut bytes: &[u8]) -> (Vec<Journaled>, bool) {
     let mut records = Vec::new();
-    while !bytes.is_empty() {
+    // A zero length is where the records end in a written-out segment.
+    while !bytes.is_empty() && !bytes.starts_with(&[0; 4]) {
         let Some(record) = decode_one(&mut bytes) else {
             return (records, true);
         };
@@ -530,6 +601,11 @@ mod tests {
             assert_eq!(got.leased_until_ms, None, "a replayed job is not leased");
         }
         assert!(!decode_all(&segment[..whole]).1);
+        // Zeros after the last record (a written-out segment) end it cleanly.
+        let mut written_out = segment[..whole].to_vec();
+        written_out.extend_from_slice(&[0; 4096]);
+        let (read, torn) = decode_all(&written_out);
+        assert_eq!((read.len(), torn), (2, false));
     }
 
     #[test]
