@@ -16,8 +16,9 @@
 //!   change the file's size, and the filesystem's journal commit for that
 //!   makes the fdatasync wait for other files' pending writes (SQLite's).
 //! - [`Intake::sync_through`] (`sync: full`) is group commit without a thread
-//!   of its own: the first waiter fdatasyncs everything written so far, for
-//!   everyone; whoever it did not cover takes the next turn.
+//!   of its own: one waiter fdatasyncs everything written so far, for
+//!   everyone, then wakes them all at once; whoever it did not cover takes
+//!   the next turn.
 //! - The store's writer thread moves records into SQLite in batches, without
 //!   an fsync of their own, and writes in the same transaction the sequence
 //!   number up to which every record is moved. Once a durable SQLite commit
@@ -31,7 +32,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -64,8 +65,10 @@ pub(super) struct Intake {
     state: Mutex<Active>,
     /// Every record up to this sequence number is on disk (fdatasync'd).
     synced: AtomicU64,
-    /// Held by whoever is fdatasyncing for the others.
-    flush: tokio::sync::Mutex<()>,
+    /// Set while someone is fdatasyncing for the others.
+    flushing: AtomicBool,
+    /// Wakes the others when an fdatasync ends.
+    flushed: tokio::sync::Notify,
 }
 
 struct Active {
@@ -144,7 +147,8 @@ impl Intake {
                 buffer: Vec::with_capacity(16 * 1024),
             }),
             synced: AtomicU64::new(last_seq),
-            flush: tokio::sync::Mutex::new(()),
+            flushing: AtomicBool::new(false),
+            flushed: tokio::sync::Notify::new(),
         };
         Ok((intake, records, last_seq))
     }
@@ -211,25 +215,46 @@ impl Intake {
         if self.sync == SyncMode::Normal {
             return Ok(());
         }
-        while self.synced.load(Ordering::Acquire) < seq {
-            let _turn = self.flush.lock().await;
+        loop {
+            // Listening before looking: an fdatasync that ends in between
+            // still wakes this waiter.
+            let flushed = self.flushed.notified();
+            tokio::pin!(flushed);
+            flushed.as_mut().enable();
             if self.synced.load(Ordering::Acquire) >= seq {
-                break;
+                return Ok(());
             }
-            let (file, through) = {
-                let state = self.lock();
-                if let Some(reason) = &state.failed {
-                    return Err(StoreError::Database(reason.clone()));
-                }
-                (state.file.clone(), state.next_seq - 1)
-            };
-            if let Err(err) = blocking(|| file.sync_data()) {
-                let reason = format!("intake journal fdatasync failed: {err}");
-                self.lock().failed = Some(reason.clone());
-                return Err(StoreError::Database(reason));
+            let turn =
+                self.flushing
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire);
+            if turn.is_err() {
+                flushed.await;
+                continue;
             }
-            self.synced.fetch_max(through, Ordering::AcqRel);
+            // Nothing awaits from here to the release: a caller that goes
+            // away cannot leave the turn taken.
+            let result = self.flush();
+            self.flushing.store(false, Ordering::Release);
+            self.flushed.notify_waiters();
+            result?;
         }
+    }
+
+    /// fdatasyncs everything written so far.
+    fn flush(&self) -> Result<(), StoreError> {
+        let (file, through) = {
+            let state = self.lock();
+            if let Some(reason) = &state.failed {
+                return Err(StoreError::Database(reason.clone()));
+            }
+            (state.file.clone(), state.next_seq - 1)
+        };
+        if let Err(err) = blocking(|| file.sync_data()) {
+            let reason = format!("intake journal fdatasync failed: {err}");
+            self.lock().failed = Some(reason.clone());
+            return Err(StoreError::Database(reason));
+        }
+        self.synced.fetch_max(through, Ordering::AcqRel);
         Ok(())
     }
 
