@@ -610,6 +610,13 @@ async fn file_targets_get_one_envelope_per_line() {
     assert_eq!(status, 200, "{answer}");
     ids.push(answer["id"].as_str().unwrap().to_owned());
 
+    // Jobs exist only once moved in from the intake journal: wait for the
+    // lines, then for the bookkeeping.
+    eventually(WAIT, "four lines in the file", || {
+        let lines = std::fs::read_to_string(&out).map_or(0, |text| text.lines().count());
+        async move { (lines == 4).then_some(()) }
+    })
+    .await;
     eventually_int(&relay, "SELECT COUNT(*) FROM jobs", 0).await;
     let content = std::fs::read_to_string(&out).expect("file written");
     assert!(content.ends_with('\n'));
