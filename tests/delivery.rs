@@ -254,6 +254,8 @@ async fn a_postback_without_route_is_kept_as_dead_letter() {
     .await;
     let id = accept(&relay, &mo_xml("lonely-1", "hello", "28444")).await;
 
+    // Kept once moved in from the intake journal (milliseconds).
+    eventually_int(&relay, "SELECT COUNT(*) FROM dead_letters", 1).await;
     let dead = dead_letters(&relay);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].event_id, id);

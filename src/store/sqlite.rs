@@ -34,8 +34,12 @@ const DEDUPE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 const DEDUPE_PRUNE_LIMIT: i64 = 10_000;
 /// Commands taken into one transaction at most; bounds the latency of a batch.
 const MAX_BATCH: usize = 512;
-/// Commands waiting for the writer before callers wait for room.
-const QUEUE_CAPACITY: usize = 16 * 1024;
+/// Commands waiting for the writer before callers wait for room. Moves
+/// carry their postback's bodies: this bounds their memory (~3 KiB each).
+const QUEUE_CAPACITY: usize = 4 * 1024;
+/// How long an accept waits for room in the writer's queue before it gives
+/// up with a 503: a flood waits its turn, a locked database is reported.
+const QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// How often the writer makes its moves from the intake journal durable
 /// (one fsync), after which the journal's covered segments are deleted.
 const DURABLE_EVERY: Duration = Duration::from_secs(1);
@@ -43,7 +47,7 @@ const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// waits for a move (the postback is acknowledged from the journal), and one
 /// transaction for many postbacks writes each b-tree page once instead of
 /// once per postback. It delays the start of fresh deliveries by as much.
-const MOVE_GATHER: Duration = Duration::from_millis(5);
+const MOVE_GATHER: Duration = Duration::from_millis(1);
 /// How long the writer waits before trying again to move postbacks that
 /// SQLite refused (a full disk); they stay safe in the journal meanwhile.
 const STALLED_RETRY: Duration = Duration::from_millis(100);
@@ -307,14 +311,14 @@ impl Store for SqliteStore {
     ) -> Result<Acceptance, StoreError> {
         // Room for the move first: from the append to the send nothing
         // awaits, so a caller that goes away cannot strand a journaled
-        // record outside the writer's reach. A writer that far behind (a
-        // locked or full database) gets a prompt 503, not a wait.
-        let room = self.commands.try_reserve().map_err(|err| match err {
-            mpsc::error::TrySendError::Full(()) => {
+        // record outside the writer's reach. A writer that stays behind (a
+        // locked or full database) gets a 503, not an endless wait.
+        let room = tokio::time::timeout(QUEUE_WAIT, self.commands.reserve())
+            .await
+            .map_err(|_| {
                 StoreError::Database("the store's writer is too far behind; retry later".into())
-            }
-            mpsc::error::TrySendError::Closed(()) => StoreError::Closed,
-        })?;
+            })?
+            .map_err(|_| StoreError::Closed)?;
         let seq = match self.intake.append(&postback)? {
             Ok(seq) => seq,
             Err(duplicate) => return Ok(duplicate),
@@ -1438,4 +1442,28 @@ fn forget_event_if_done(conn: &Connection, event_id: &str) -> rusqlite::Result<(
     )?
     .execute([event_id])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_passes_a_gap_only_once_it_is_filled() {
+        let start = Watermark {
+            through: 10,
+            ahead: BTreeSet::new(),
+        };
+        // 12 and 13 were moved before 11 (two requests raced to the writer).
+        let early = start.with([12, 13].into_iter());
+        assert_eq!(
+            early.through, 10,
+            "11 is not moved yet: a restart must move it"
+        );
+        let filled = early.with([11].into_iter());
+        assert_eq!(filled.through, 13);
+        assert!(filled.ahead.is_empty());
+        // The original is untouched until the transaction commits.
+        assert_eq!((start.through, start.ahead.len()), (10, 0));
+    }
 }

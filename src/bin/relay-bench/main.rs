@@ -1110,9 +1110,22 @@ fn copy_store(snapshot: &Path, dir: &Path) -> Result<(), String> {
     for entry in std::fs::read_dir(snapshot).map_err(|e| e.to_string())? {
         let entry = entry.map_err(|e| e.to_string())?;
         let name = entry.file_name();
-        if name.to_string_lossy().starts_with("relay.db") {
-            std::fs::copy(entry.path(), dir.join(&name)).map_err(|e| format!("copy store: {e}"))?;
+        if !name.to_string_lossy().starts_with("relay.db") {
+            continue;
         }
+        // The intake journal is a directory (empty after the clean stop
+        // that made the snapshot, but copied whole all the same).
+        if entry.file_type().map_err(|e| e.to_string())?.is_dir() {
+            let into = dir.join(&name);
+            std::fs::create_dir_all(&into).map_err(|e| format!("copy store: {e}"))?;
+            for segment in std::fs::read_dir(entry.path()).map_err(|e| e.to_string())? {
+                let segment = segment.map_err(|e| e.to_string())?;
+                std::fs::copy(segment.path(), into.join(segment.file_name()))
+                    .map_err(|e| format!("copy store: {e}"))?;
+            }
+            continue;
+        }
+        std::fs::copy(entry.path(), dir.join(&name)).map_err(|e| format!("copy store: {e}"))?;
     }
     Ok(())
 }
