@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::logging::LogGuard;
 use crate::routing::Router;
 
 /// Receives Sinch postbacks, commits them durably, delivers them to internal webhooks.
@@ -332,23 +333,17 @@ fn reload(relay: &crate::relay::RelayHandle, path: &std::path::Path) {
     }
 }
 
-/// Logs go to stderr through a background thread: a log line costs the
-/// request that writes it a channel send instead of a `write` system call
-/// (the relay logs one line per postback and per delivery attempt), and a
-/// burst of lines leaves in few writes. Nothing is dropped: when the thread
-/// falls behind, loggers wait. The returned guard flushes what is queued when
-/// it is dropped, at the end of `main`.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr in batches (see `logging`): a log line costs the
+/// request that writes it an append to a buffer. The returned guard writes
+/// what is left when it is dropped, at the end of `main`.
+fn init_logging(format: LogFormat) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("log-writer")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let guard = LogGuard::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer);
+        .with_writer(guard.writer());
     match format {
         LogFormat::Text => builder.init(),
         // Without the module path: delivery events carry their own `target`

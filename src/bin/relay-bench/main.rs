@@ -28,7 +28,10 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use loadgen::{LoadResult, LoadSpec, Stop};
-use relay_proc::{memory_kib, store_counts, store_envelopes, Backend, RelayChild, RelayConfig};
+use relay_proc::{
+    cpu_ticks, machine_ticks, memory_kib, store_counts, store_envelopes, Backend, RelayChild,
+    RelayConfig,
+};
 use servers::{start_baseline, start_hung, start_sink, Baseline, Server};
 
 /// The seed postback (a copy of tests/fixtures/seed-mo.xml, used when the
@@ -598,8 +601,20 @@ impl Bench {
             )?);
         }
         let addrs = relays.iter().map(|relay| relay.ingest).collect();
+        let relay_cpu = || -> Option<u64> { relays.iter().map(|r| cpu_ticks(r.pid())).sum() };
+        let (cpu_before, machine_before) = (relay_cpu(), machine_ticks());
         let load = loadgen::run(self.timed(addrs, connections));
         let mut stats = RunStats::from_load(&load);
+        insert_cpu(&mut stats, machine_before);
+        if let (Some(before), Some(after)) = (cpu_before, relay_cpu()) {
+            // Ticks are 10 ms; over warm-up and the measured run.
+            let per_postback =
+                (after - before) as f64 * 10_000.0 / load.answered_total.max(1) as f64;
+            stats.extra.insert(
+                "relay_cpu_us_per_postback".into(),
+                json!(per_postback.round()),
+            );
+        }
         let mut peak_kib = Vec::new();
         for relay in &mut relays {
             if let Some(status) = relay.exited() {
@@ -659,8 +674,10 @@ impl Bench {
     fn baseline_run(&self, id: &str, kind: Baseline, connections: usize) -> RunStats {
         let dir = self.fresh_dir(&format!("{}-baseline", id.to_lowercase()));
         let server = start_baseline(kind, &dir, self.s.workers);
+        let machine_before = machine_ticks();
         let load = loadgen::run(self.timed(vec![server.addr], connections));
         let mut stats = RunStats::from_load(&load);
+        insert_cpu(&mut stats, machine_before);
         let syncs = server.sync_stats.syncs.load(Ordering::Relaxed);
         let records = server.sync_stats.records.load(Ordering::Relaxed);
         if syncs > 0 {
@@ -1105,6 +1122,17 @@ fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
+/// Adds how busy the machine's CPUs were since `before` (load generator,
+/// server or relay, sink: everything), to show which runs are CPU-bound.
+fn insert_cpu(stats: &mut RunStats, before: Option<(u64, u64)>) {
+    if let (Some((busy0, total0)), Some((busy1, total1))) = (before, machine_ticks()) {
+        let busy = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
+        stats
+            .extra
+            .insert("machine_cpu_busy".into(), json!(round2(busy)));
+    }
+}
+
 /// Copies a stopped relay's store files into `dir`.
 fn copy_store(snapshot: &Path, dir: &Path) -> Result<(), String> {
     for entry in std::fs::read_dir(snapshot).map_err(|e| e.to_string())? {
@@ -1375,6 +1403,27 @@ fn render(s: &Settings, paired: &[Paired], s5: Option<&Value>, s2_rss: &[f64]) -
                 .filter_map(|r| r.extra.get("wal_bytes_at_end").and_then(Value::as_f64)),
         ) / MIB
             / MIB;
+        let busy = |runs: &[RunStats]| {
+            median(
+                runs.iter()
+                    .filter_map(|r| r.extra.get("machine_cpu_busy").and_then(Value::as_f64)),
+            )
+        };
+        let relay_cpu = median(p.relay.iter().filter_map(|r| {
+            r.extra
+                .get("relay_cpu_us_per_postback")
+                .and_then(Value::as_f64)
+        }));
+        if relay_cpu.is_finite() {
+            let _ = writeln!(
+                t,
+                "{:<4} CPU: relay {} µs per postback (its deliveries included); machine busy {} % (relay run) vs {} % (baseline run)",
+                "",
+                num(relay_cpu, 0),
+                num(100.0 * busy(&p.relay), 0),
+                num(100.0 * busy(&p.baseline), 0),
+            );
+        }
         if accepted.is_finite() && delivered.is_finite() {
             let _ = writeln!(
                 t,
