@@ -424,7 +424,8 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
 }
 
 /// Creates segment `segment`, written out to [`SEGMENT_BYTES`] of zeros when
-/// `write_out` and the disk has room (else it grows as records come).
+/// `write_out` and the disk has room for several segments (else it grows as
+/// records come).
 fn create_segment(
     dir: &Path,
     segment: u64,
@@ -438,7 +439,12 @@ fn create_segment(
         .write(true)
         .open(&path)
         .map_err(|err| io_error(&path, &err))?;
-    if write_out {
+    // Only with room to spare: writing zeros must not be what fills the disk
+    // under the database.
+    let room = rustix::fs::fstatvfs(&file)
+        .map(|stats| stats.f_bavail.saturating_mul(stats.f_frsize))
+        .unwrap_or(0);
+    if write_out && room >= 4 * SEGMENT_BYTES {
         let zeros = vec![0u8; 1024 * 1024];
         let written = (0..SEGMENT_BYTES / zeros.len() as u64)
             .try_for_each(|_| (&file).write_all(&zeros))
