@@ -812,6 +812,11 @@ impl Writer {
                 }
             } else {
                 std::thread::sleep(STALLED_RETRY);
+                if receiver.is_closed() && receiver.is_empty() {
+                    // Dropped without a close: the stalled moves stay in the
+                    // journal for the next start.
+                    return;
+                }
                 batch.extend(
                     self.stalled
                         .drain(..)
