@@ -30,6 +30,14 @@ struct Shared {
 }
 
 impl Shared {
+    fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            buffer: Mutex::new(Vec::with_capacity(64 * 1024)),
+            wake: Condvar::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
         self.buffer
             .lock()
@@ -69,11 +77,7 @@ pub struct LogGuard {
 impl LogGuard {
     /// Starts the writer thread; give [`LogGuard::writer`] to the subscriber.
     pub fn start() -> LogGuard {
-        let shared = Arc::new(Shared {
-            buffer: Mutex::new(Vec::with_capacity(64 * 1024)),
-            wake: Condvar::new(),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-        });
+        let shared = Shared::new();
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
@@ -135,11 +139,7 @@ mod tests {
     #[test]
     fn lines_wait_in_the_buffer_until_the_writer_takes_them() {
         let guard = LogGuard {
-            shared: Arc::new(Shared {
-                buffer: Mutex::new(Vec::new()),
-                wake: Condvar::new(),
-                stopping: std::sync::atomic::AtomicBool::new(false),
-            }),
+            shared: Shared::new(),
             thread: None,
         };
         let mut writer = (guard.writer())();

@@ -2,9 +2,14 @@
 //!
 //! The contract every backend keeps (SQLite for one instance, PostgreSQL when
 //! several instances share one queue):
-//! - [`Store::accept`] returns only after the postback, its dedupe key and one
-//!   delivery job per routed target are durably committed; ingest answers 200
-//!   only then. An error means nothing was acknowledged (ingest answers 503).
+//! - [`Store::accept`] returns only after the postback and its routed targets
+//!   are durably written (PostgreSQL: committed with its dedupe key and one
+//!   delivery job per target; SQLite: in the intake journal, from which the
+//!   writer moves it into the database within milliseconds, or a restart
+//!   does); ingest answers 200 only then. The jobs exist once [`OnCommit`]
+//!   runs. An error means nothing was acknowledged (ingest answers 503); a
+//!   journaled record whose fdatasync then failed may still be delivered
+//!   (at least once, never lost).
 //! - Jobs are claimed with a lease ([`Store::claim`]): a job claimed by a worker
 //!   that dies becomes due again when the lease runs out.
 //! - Every finished attempt is recorded with [`Store::complete`]: delivered

@@ -817,11 +817,7 @@ impl Writer {
                     // journal for the next start.
                     return;
                 }
-                batch.extend(
-                    self.stalled
-                        .drain(..)
-                        .map(|moving| Command::Move(Box::new(moving))),
-                );
+                batch.extend(self.take_stalled());
             }
             while batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
@@ -851,11 +847,7 @@ impl Writer {
                         other => batch.push(other),
                     }
                 }
-                batch.extend(
-                    self.stalled
-                        .drain(..)
-                        .map(|moving| Command::Move(Box::new(moving))),
-                );
+                batch.extend(self.take_stalled());
                 let rest: Vec<Command> = std::mem::take(&mut batch);
                 if !rest.is_empty() {
                     self.apply_batch(rest);
@@ -877,6 +869,13 @@ impl Writer {
                 return;
             }
         }
+    }
+
+    /// The stalled moves, as commands to try again.
+    fn take_stalled(&mut self) -> impl Iterator<Item = Command> + use<> {
+        std::mem::take(&mut self.stalled)
+            .into_iter()
+            .map(|moving| Command::Move(Box::new(moving)))
     }
 
     /// Applies `commands` in one transaction and answers them after the commit.
