@@ -144,11 +144,7 @@ async fn metric(relay: &TestRelay, name: &str, labels: &[(&str, &str)]) -> Optio
 
 /// Waits until a query returns `expected`.
 async fn eventually_int(relay: &TestRelay, sql: &str, expected: i64) {
-    eventually(WAIT, &format!("{sql} = {expected}"), || {
-        let got = int(relay, sql);
-        async move { (got == expected).then_some(()) }
-    })
-    .await
+    relay.eventually_int(WAIT, sql, expected).await
 }
 
 /// Standard Webhooks verification written from the spec, independent of the

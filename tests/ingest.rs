@@ -1203,15 +1203,9 @@ async fn a_locked_store_keeps_accepting_into_the_journal_and_moves_in_afterwards
 
     let (status, answer) = post(&relay.url, None, mo_xml("BEFORE_LOCK", "k", "28444")).await;
     assert_eq!((status, &answer["status"]), (200, &json!("accepted")));
-    eventually(
-        Duration::from_secs(5),
-        "the first postback moved in",
-        || {
-            let relay = &relay;
-            async move { (count(relay, "SELECT COUNT(*) FROM events") == 1).then_some(()) }
-        },
-    )
-    .await;
+    relay
+        .eventually_int(Duration::from_secs(5), "SELECT COUNT(*) FROM events", 1)
+        .await;
 
     let lock = rusqlite::Connection::open(relay.db_path()).expect("open db");
     lock.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -1268,15 +1262,9 @@ async fn a_locked_store_keeps_accepting_into_the_journal_and_moves_in_afterwards
         },
     )
     .await;
-    eventually(
-        Duration::from_secs(5),
-        "the journaled postback moved in",
-        || {
-            let relay = &relay;
-            async move { (count(relay, "SELECT COUNT(*) FROM events") == 2).then_some(()) }
-        },
-    )
-    .await;
+    relay
+        .eventually_int(Duration::from_secs(5), "SELECT COUNT(*) FROM events", 2)
+        .await;
     let rows = relay.query(&format!("SELECT raw_body FROM events WHERE id = '{id}'"));
     assert_eq!(rows.len(), 1);
     assert_eq!(sql_bytes(&rows[0][0]), locked_body.as_bytes());

@@ -287,6 +287,17 @@ impl TestRelay {
         self.store.query(sql)
     }
 
+    /// Waits (up to `timeout`) until a one-integer query (`COUNT(*)` and the
+    /// like) returns `expected`: what the relay keeps is moved into the
+    /// store from the intake journal a few milliseconds after the 200.
+    pub async fn eventually_int(&self, timeout: Duration, sql: &str, expected: i64) {
+        eventually(timeout, &format!("{sql} = {expected}"), || {
+            let got = self.store.query_int(sql);
+            async move { (got == expected).then_some(()) }
+        })
+        .await
+    }
+
     /// Runs a statement with `?1`-style parameters against the relay's store.
     pub fn execute(&self, sql: &str, params: Vec<rusqlite::types::Value>) -> u64 {
         self.store.execute(sql, params)
