@@ -22,6 +22,7 @@
 //! one the config names.
 
 mod intake;
+mod leases;
 mod postgres;
 mod sqlite;
 

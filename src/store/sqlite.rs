@@ -21,6 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::intake::{Intake, Journaled};
+use super::leases::Leases;
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
     NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody,
@@ -234,6 +235,7 @@ impl SqliteStore {
             durable_through: moved_through,
             last_durable: std::time::Instant::now(),
             stalled: Vec::new(),
+            leases: Leases::default(),
             conn: writer,
             sync: options.sync.into(),
             current_sync: None,
@@ -741,6 +743,8 @@ struct Writer {
     last_durable: std::time::Instant,
     /// Moves SQLite refused (a full disk), tried again after [`STALLED_RETRY`].
     stalled: Vec<Moving>,
+    /// The dispatchers' claims (see `store::leases`).
+    leases: Leases,
 }
 
 /// An acknowledged postback on its way from the journal into SQLite.
@@ -971,6 +975,7 @@ impl Writer {
         }
         if let Some(err) = aborted {
             let _ = run(&self.conn, "ROLLBACK");
+            self.leases.rollback();
             return Err(err);
         }
         let watermark = self.watermark.with(
@@ -987,6 +992,7 @@ impl Writer {
                 .and_then(|mut statement| statement.execute([watermark.through as i64]))
             {
                 let _ = run(&self.conn, "ROLLBACK");
+                self.leases.rollback();
                 return Err(db_error(err));
             }
         }
@@ -998,8 +1004,10 @@ impl Writer {
         }
         if let Err(err) = run(&self.conn, "COMMIT") {
             let _ = run(&self.conn, "ROLLBACK");
+            self.leases.rollback();
             return Err(db_error(err));
         }
+        self.leases.commit(now_ms());
         self.watermark = watermark;
         if durable {
             self.durable_through = self.watermark.through;
@@ -1022,7 +1030,7 @@ impl Writer {
 
     /// Runs one command inside a savepoint; its own failure is its own answer.
     fn apply_one(&mut self, command: Command) -> Box<dyn Pending> {
-        let conn = &self.conn;
+        let (conn, leases) = (&self.conn, &mut self.leases);
         match command {
             Command::Quarantine(entry, reply) => {
                 Box::new((reply, isolated(conn, |c| quarantine(c, &entry))))
@@ -1033,13 +1041,25 @@ impl Writer {
                 limit,
                 lease,
                 reply,
-            } => Box::new((reply, isolated(conn, |c| claim(c, &target, limit, lease)))),
+            } => Box::new((
+                reply,
+                isolated(conn, |c| claim(c, leases, &target, limit, lease)),
+            )),
             Command::Complete(outcomes, reply) => Box::new((
                 reply,
                 isolated(conn, |c| {
                     outcomes
                         .iter()
-                        .try_for_each(|(job, outcome)| complete(c, *job, outcome))
+                        .try_for_each(|(job, outcome)| complete(c, *job, outcome))?;
+                    // Only outcomes that are written end their leases.
+                    for (job, outcome) in &outcomes {
+                        let under = match outcome {
+                            Outcome::Released { leased_until_ms } => Some(*leased_until_ms),
+                            _ => None,
+                        };
+                        leases.end(*job, under);
+                    }
+                    Ok(())
                 }),
             )),
             Command::Probe(reply) => Box::new((
@@ -1339,28 +1359,43 @@ fn quarantine(conn: &Connection, entry: &QuarantineEntry) -> rusqlite::Result<()
     Ok(())
 }
 
-/// Leases due jobs by moving their `next_at` past the lease, so the due index
-/// skips them until the lease ends or the attempt completes.
+/// A target's due jobs, oldest first: the `jobs_due` index range yields them
+/// in `(next_at, id)` order, and the claim stops reading once it has enough.
+/// No `ORDER BY` (beside the bound target), no bound `LIMIT`, no join:
+/// SQLite, built with STAT4 as rusqlite bundles it, compiles each of those
+/// anew for every new binding — a statement compile per claim, measured as
+/// a fifth of the writer's time while draining a backlog.
+const CLAIM_DUE: &str = "SELECT id, event_id, attempts, created_at FROM jobs INDEXED BY jobs_due
+     WHERE target = ?1 AND next_at <= ?2";
+
+/// The bodies a claimed job is sent with.
+const CLAIM_EVENT: &str = "SELECT envelope, raw_body, content_type FROM events WHERE id = ?1";
+
+/// Leases due jobs in memory ([`Leases`]): a read, stepping over the due
+/// jobs already leased (at most the dispatchers' rounds in flight).
+///
+/// See [`CLAIM_DUE`] for why the scan is written as it is.
 fn claim(
     conn: &Connection,
+    leases: &mut Leases,
     target: &str,
     limit: usize,
     lease: Duration,
 ) -> rusqlite::Result<Vec<Job>> {
     let now = now_ms();
     let lease_until = now + lease.as_millis() as i64;
-    let mut statement = conn.prepare_cached(
-        "UPDATE jobs SET next_at = ?3, lease_until = ?3
-         WHERE id IN (SELECT id FROM jobs WHERE target = ?1 AND next_at <= ?2 ORDER BY next_at, id LIMIT ?4)
-         RETURNING id, event_id, attempts, created_at",
-    )?;
-    let claimed: Vec<(JobId, String, u32, i64)> = statement
-        .query_map(params![target, now, lease_until, limit as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-        })?
-        .collect::<Result<_, _>>()?;
-    let mut event =
-        conn.prepare_cached("SELECT envelope, raw_body, content_type FROM events WHERE id = ?1")?;
+    let mut due = conn.prepare_cached(CLAIM_DUE)?;
+    let mut rows = due.query(params![target, now])?;
+    let mut claimed: Vec<(JobId, String, u32, i64)> = Vec::with_capacity(limit);
+    while claimed.len() < limit {
+        let Some(row) = rows.next()? else { break };
+        let id = row.get(0)?;
+        if !leases.is_held(id, now) {
+            claimed.push((id, row.get(1)?, row.get(2)?, row.get(3)?));
+        }
+    }
+    drop(rows);
+    let mut event = conn.prepare_cached(CLAIM_EVENT)?;
     let mut jobs = Vec::with_capacity(claimed.len());
     for (id, event_id, attempts, created_at_ms) in claimed {
         let (envelope, raw_body, content_type): (Vec<u8>, Vec<u8>, Option<String>) = event
@@ -1380,10 +1415,14 @@ fn claim(
             leased_until_ms: lease_until,
         });
     }
+    for job in &jobs {
+        leases.hold(job.id, lease_until);
+    }
     jobs.sort_by_key(|job| job.id);
     Ok(jobs)
 }
 
+/// Records one outcome (its lease is ended by the caller).
 fn complete(conn: &Connection, job: JobId, outcome: &Outcome) -> rusqlite::Result<()> {
     match outcome {
         Outcome::Delivered => {
@@ -1469,5 +1508,89 @@ mod tests {
         assert!(filled.ahead.is_empty());
         // The original is untouched until the transaction commits.
         assert_eq!((start.through, start.ahead.len()), (10, 0));
+    }
+
+    /// A database with `per_target` due jobs for targets "a" and "b".
+    fn backlog(dir: &Path, per_target: i64) -> Connection {
+        let options = SqliteOptions {
+            path: dir.join("relay.db"),
+            sync: SyncMode::Normal,
+            busy_timeout: Duration::from_secs(1),
+            dedupe_window: Duration::from_secs(60),
+            min_free_bytes: 0,
+        };
+        let mut conn = open_connection(&options.path, &options).unwrap();
+        migrate(&mut conn).unwrap();
+        for n in 0..per_target {
+            let postback = NewPostback {
+                id: format!("event-{n}"),
+                dedupe_key: format!("key-{n}"),
+                received_at_ms: 1_000 + n,
+                envelope: Bytes::from_static(b"{}"),
+                raw_body: Bytes::from_static(b"<xml/>"),
+                content_type: None,
+                targets: vec!["a".into(), "b".into()],
+                leased_until_ms: None,
+            };
+            insert_postback(&conn, &postback).unwrap();
+        }
+        conn
+    }
+
+    #[test]
+    fn claims_take_the_oldest_due_jobs_and_step_over_leased_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = backlog(dir.path(), 10);
+        let mut leases = Leases::default();
+        let lease = Duration::from_secs(60);
+        let first = claim(&conn, &mut leases, "a", 3, lease).unwrap();
+        let events: Vec<&str> = first.iter().map(|job| job.event_id.as_str()).collect();
+        assert_eq!(events, ["event-0", "event-1", "event-2"]);
+        assert!(first.iter().all(|job| job.target == "a"));
+        let second = claim(&conn, &mut leases, "a", 3, lease).unwrap();
+        let events: Vec<&str> = second.iter().map(|job| job.event_id.as_str()).collect();
+        assert_eq!(
+            events,
+            ["event-3", "event-4", "event-5"],
+            "leased ones are skipped"
+        );
+        // A rolled-back claim leaves its jobs free; a delivered job is gone.
+        leases.rollback();
+        complete(&conn, first[0].id, &Outcome::Delivered).unwrap();
+        leases.end(first[0].id, None);
+        leases.commit(now_ms());
+        let third = claim(&conn, &mut leases, "a", 4, lease).unwrap();
+        let events: Vec<&str> = third.iter().map(|job| job.event_id.as_str()).collect();
+        assert_eq!(events, ["event-1", "event-2", "event-3", "event-4"]);
+    }
+
+    #[test]
+    fn claim_statements_are_compiled_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = backlog(dir.path(), 20);
+        let mut leases = Leases::default();
+        for (round, target) in ["a", "b", "a", "b"].into_iter().enumerate() {
+            let jobs = claim(
+                &conn,
+                &mut leases,
+                target,
+                2 + round,
+                Duration::from_secs(60),
+            )
+            .unwrap();
+            assert_eq!(jobs.len(), 2 + round);
+            for job in &jobs {
+                complete(&conn, job.id, &Outcome::Delivered).unwrap();
+            }
+        }
+        for sql in [CLAIM_DUE, CLAIM_EVENT] {
+            let statement = conn.prepare_cached(sql).unwrap();
+            assert_eq!(
+                statement.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "{sql}"
+            );
+            assert!(statement.get_status(rusqlite::StatementStatus::VmStep) > 0);
+        }
     }
 }
