@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TargetKind};
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Job, JobId, Outcome, Store};
+use crate::store::{now_ms, Job, JobId, Outcome, Store, StoreError};
 use fleet::{Control, IngestLoad};
 use retry::{Next, RetryPolicy, Verdict};
 use signing::SigningKey;
@@ -142,7 +142,8 @@ pub fn build_client() -> std::io::Result<HttpClient> {
 /// Jobs come from two places: fresh ones in memory from ingest (`hot`,
 /// already leased), and due ones from the store (retries, replays, jobs no
 /// one handed over), claimed a whole round (`concurrency` jobs) at a time
-/// into a small ready buffer, so a freed slot never waits for a claim. The
+/// into a small ready buffer. A claim runs on its own task beside the
+/// attempts ([`Claiming`]), so a freed slot never waits for the store. The
 /// store is asked when woken, every [`IDLE_POLL`], and while its last claim
 /// came back full. While paused it claims nothing; attempts in flight finish.
 async fn run_dispatcher(
@@ -168,6 +169,7 @@ async fn run_dispatcher(
         finished,
     ));
     let mut ready: VecDeque<Job> = VecDeque::with_capacity(round);
+    let mut claiming = Claiming::default();
     // Whether the store may hold due jobs: at start, after a wake-up, every
     // poll interval (even while hand-overs keep it busy: retries come due in
     // the store), and while claims come back full.
@@ -183,6 +185,9 @@ async fn run_dispatcher(
             // over after this is checked against its lease on resume).
             control.set_takes_hot(false);
             release(ready.drain(..), &outcomes);
+            if let Some(Ok(jobs)) = claiming.finish().await {
+                release(jobs.into_iter(), &outcomes);
+            }
             while let Ok(job) = hot.try_recv() {
                 release(std::iter::once(job), &outcomes);
             }
@@ -191,14 +196,34 @@ async fn run_dispatcher(
                 () = shutdown.cancelled() => break,
             }
         }
+        if claiming.is_finished() {
+            match claiming.finish().await {
+                Some(Ok(claimed)) => {
+                    backlog = claimed.len() == claiming.wanted;
+                    ready.extend(claimed);
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(target = %target.name, error = %err, "cannot claim deliveries");
+                    tokio::select! {
+                        () = tokio::time::sleep(STORE_ERROR_PAUSE) => {},
+                        () = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+                None => {}
+            }
+        }
         if slots.available_permits() == 0 {
             tokio::select! {
-                permit = slots.acquire() => drop(permit),
+                permit = slots.acquire() => {
+                    drop(permit);
+                    // Attempts finishing together free their slots
+                    // together: let them, so one pass fills several.
+                    tokio::task::yield_now().await;
+                }
+                () = claiming.done() => continue,
                 () = shutdown.cancelled() => break,
             }
-            // Attempts finishing together free their slots together: let
-            // them, so one pass fills several.
-            tokio::task::yield_now().await;
         }
         if shutdown.is_cancelled() {
             break;
@@ -220,22 +245,8 @@ async fn run_dispatcher(
         }
         // Refilled when at most half full, so claims stay large and at most
         // one round of claimed jobs waits here.
-        if ready.len() <= round / 2 && backlog {
-            let wanted = round - ready.len();
-            match store.claim(&target.name, wanted, target.lease()).await {
-                Ok(claimed) => {
-                    backlog = claimed.len() == wanted;
-                    ready.extend(claimed);
-                }
-                Err(err) => {
-                    tracing::warn!(target = %target.name, error = %err, "cannot claim deliveries");
-                    tokio::select! {
-                        () = tokio::time::sleep(STORE_ERROR_PAUSE) => {},
-                        () = shutdown.cancelled() => break,
-                    }
-                    continue;
-                }
-            }
+        if ready.len() <= round / 2 && backlog && claiming.is_idle() {
+            claiming.start(&store, &target, round - ready.len());
         }
         if *paused.borrow() {
             continue; // paused meanwhile: nothing new starts
@@ -268,6 +279,7 @@ async fn run_dispatcher(
         if jobs.is_empty() && ready.is_empty() {
             tokio::select! {
                 Some(job) = hot.recv() => jobs.extend(in_time(&target, job, &outcomes)),
+                () = claiming.done() => continue,
                 () = control.wake.notified() => {
                     tokio::time::sleep(CLAIM_GATHER).await;
                     backlog = true;
@@ -305,6 +317,9 @@ async fn run_dispatcher(
     control.set_takes_hot(false);
     hot.close();
     release(ready.drain(..), &outcomes);
+    if let Some(Ok(jobs)) = claiming.finish().await {
+        release(jobs.into_iter(), &outcomes);
+    }
     // Ends once no hand-over reserved before the close is outstanding.
     while let Some(job) = hot.recv().await {
         release(std::iter::once(job), &outcomes);
@@ -313,6 +328,61 @@ async fn run_dispatcher(
     attempts.wait().await;
     drop(outcomes);
     let _ = recorder.await;
+}
+
+/// A dispatcher's claim in flight: it runs on its own task so the dispatcher
+/// goes on starting attempts from its ready buffer and the hand-over queue
+/// meanwhile. At most one at a time.
+#[derive(Default)]
+struct Claiming {
+    task: Option<tokio::task::JoinHandle<Result<Vec<Job>, StoreError>>>,
+    /// The finished claim's answer, until the dispatcher takes it.
+    answer: Option<Result<Vec<Job>, StoreError>>,
+    /// How many jobs the last claim asked for: fewer back means the store
+    /// has no more due now.
+    wanted: usize,
+}
+
+impl Claiming {
+    fn start(&mut self, store: &Arc<dyn Store>, target: &Target, wanted: usize) {
+        let (store, name, lease) = (store.clone(), target.name.clone(), target.lease());
+        self.wanted = wanted;
+        self.task = Some(tokio::spawn(async move {
+            store.claim(&name, wanted, lease).await
+        }));
+    }
+
+    fn is_idle(&self) -> bool {
+        self.task.is_none() && self.answer.is_none()
+    }
+
+    fn is_finished(&self) -> bool {
+        self.answer.is_some() || self.task.as_ref().is_some_and(|task| task.is_finished())
+    }
+
+    /// Resolves once the claim in flight has an answer (kept for
+    /// [`Claiming::finish`]); never without a claim. Cancel-safe.
+    async fn done(&mut self) {
+        match &mut self.task {
+            Some(task) => {
+                let answer = task.await.unwrap_or_else(|err| {
+                    Err(StoreError::Database(format!("claim task failed: {err}")))
+                });
+                self.task = None;
+                self.answer = Some(answer);
+            }
+            None if self.answer.is_some() => {}
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The claim's answer (waiting for it), or None without a claim.
+    async fn finish(&mut self) -> Option<Result<Vec<Job>, StoreError>> {
+        if self.task.is_some() {
+            self.done().await;
+        }
+        self.answer.take()
+    }
 }
 
 /// The job to attempt, unless its lease could run out during the attempt
