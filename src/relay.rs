@@ -16,7 +16,7 @@ use crate::access::AccessPolicy;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::build_client;
-use crate::delivery::fleet::{Fleet, TargetChanges, TARGET_REMOVED};
+use crate::delivery::fleet::{DeliveryRuntime, Fleet, TargetChanges, TARGET_REMOVED};
 use crate::http_server::{serve, ServeOptions};
 use crate::ingest::Ingest;
 use crate::live::Live;
@@ -167,10 +167,17 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let config_for_reload = config.clone();
     let client = build_client().context("cannot load the system's TLS root certificates")?;
     dead_letter_removed_targets(store.as_ref(), &config).await;
+    let delivery_runtime = DeliveryRuntime::start().context("cannot start the delivery runtime")?;
     let fleet = Arc::new(
-        Fleet::start(&config, store.clone(), metrics.clone(), client)
-            .await
-            .context("cannot read the targets' pauses from the store")?,
+        Fleet::start(
+            &config,
+            store.clone(),
+            metrics.clone(),
+            client,
+            delivery_runtime,
+        )
+        .await
+        .context("cannot read the targets' pauses from the store")?,
     );
     let admin_token = Arc::new(Live::new(config.admin.token().map_err(anyhow::Error::msg)?));
     if admin_token.get().is_none() {
