@@ -1565,6 +1565,19 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_whose_lease_ran_out_is_claimed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = backlog(dir.path(), 2);
+        let mut leases = Leases::default();
+        let first = claim(&conn, &mut leases, "a", 1, Duration::from_millis(1)).unwrap();
+        leases.commit(now_ms());
+        std::thread::sleep(Duration::from_millis(5));
+        let again = claim(&conn, &mut leases, "a", 1, Duration::from_secs(60)).unwrap();
+        assert_eq!(again[0].id, first[0].id, "its worker never answered");
+        assert!(again[0].leased_until_ms > first[0].leased_until_ms);
+    }
+
+    #[test]
     fn claim_statements_are_compiled_once() {
         let dir = tempfile::tempdir().unwrap();
         let conn = backlog(dir.path(), 20);
