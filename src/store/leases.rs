@@ -4,7 +4,7 @@
 //! relay is the only instance, and a restart voids every lease anyway. Kept
 //! in the database, a claim was a write (the job's due-index entry moved past
 //! the lease) and its outcome another; kept here, a claim is a read and a
-//! delivered job costs one `DELETE`. Jobs handed over in memory by ingest
+//! delivered job costs only its `DELETE`. Jobs handed over in memory by ingest
 //! keep their lease in the row (`lease_until`), written with the insert.
 
 use std::collections::HashMap;

@@ -457,16 +457,17 @@ impl Store for SqliteStore {
         self.maintain(move |conn| {
             let mut delete =
                 conn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1 RETURNING event_id")?;
-            let mut purged = 0;
+            let mut events = Vec::with_capacity(ids.len());
             for id in &ids {
                 if let Some(event_id) = delete
                     .query_row([id], |row| row.get::<_, String>(0))
                     .optional()?
                 {
-                    forget_event_if_done(conn, &event_id)?;
-                    purged += 1;
+                    events.push(event_id);
                 }
             }
+            let purged = events.len() as u64;
+            forget_events(conn, events)?;
             Ok(purged)
         })
         .await
@@ -1048,18 +1049,7 @@ impl Writer {
             )),
             Command::Complete(outcomes, reply) => Box::new((
                 reply,
-                isolated(conn, |c| {
-                    complete_all(c, &outcomes)?;
-                    // Only outcomes that are written end their leases.
-                    for (job, outcome) in &outcomes {
-                        let under = match outcome {
-                            Outcome::Released { leased_until_ms } => Some(*leased_until_ms),
-                            _ => None,
-                        };
-                        leases.end(*job, under);
-                    }
-                    Ok(())
-                }),
+                isolated(conn, |c| complete_all(c, leases, &outcomes)),
             )),
             Command::Probe(reply) => Box::new((
                 reply,
@@ -1421,8 +1411,13 @@ fn claim(
     Ok(jobs)
 }
 
-/// Records a batch of outcomes (their leases are ended by the caller).
-fn complete_all(conn: &Connection, outcomes: &[(JobId, Outcome)]) -> rusqlite::Result<()> {
+/// Records a batch of outcomes; once all are written, their leases end
+/// with the transaction's commit.
+fn complete_all(
+    conn: &Connection,
+    leases: &mut Leases,
+    outcomes: &[(JobId, Outcome)],
+) -> rusqlite::Result<()> {
     let mut delivered = Vec::with_capacity(outcomes.len());
     for (job, outcome) in outcomes {
         match outcome {
@@ -1459,7 +1454,15 @@ fn complete_all(conn: &Connection, outcomes: &[(JobId, Outcome)]) -> rusqlite::R
             }
         }
     }
-    delete_delivered(conn, &delivered)
+    delete_delivered(conn, &delivered)?;
+    for (job, outcome) in outcomes {
+        let under = match outcome {
+            Outcome::Released { leased_until_ms } => Some(*leased_until_ms),
+            _ => None,
+        };
+        leases.end(*job, under);
+    }
+    Ok(())
 }
 
 /// Deletes a batch of delivered jobs (a JSON array of ids), returning their events.
@@ -1478,10 +1481,18 @@ fn delete_delivered(conn: &Connection, jobs: &[JobId]) -> rusqlite::Result<()> {
         return Ok(());
     }
     let ids = serde_json::Value::from(jobs.to_vec()).to_string();
-    let mut events: Vec<String> = conn
+    let events: Vec<String> = conn
         .prepare_cached(DELETE_DELIVERED)?
         .query_map([ids], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
+    forget_events(conn, events)
+}
+
+/// Drops the bodies of those events that no job and no dead letter needs.
+fn forget_events(conn: &Connection, mut events: Vec<String>) -> rusqlite::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
     events.sort_unstable();
     events.dedup();
     let events = serde_json::Value::from(events).to_string();
@@ -1495,17 +1506,6 @@ fn prune_dedupe(conn: &Connection, before_ms: i64) -> rusqlite::Result<usize> {
         "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE accepted_at < ?1 LIMIT ?2)",
     )?
     .execute(params![before_ms, DEDUPE_PRUNE_LIMIT])
-}
-
-/// Drops an event's bodies once no job and no dead letter needs them.
-fn forget_event_if_done(conn: &Connection, event_id: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "DELETE FROM events WHERE id = ?1
-           AND NOT EXISTS (SELECT 1 FROM jobs WHERE event_id = ?1)
-           AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = ?1)",
-    )?
-    .execute([event_id])?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1558,6 +1558,10 @@ mod tests {
         conn
     }
 
+    fn event_ids(jobs: &[Job]) -> Vec<&str> {
+        jobs.iter().map(|job| job.event_id.as_str()).collect()
+    }
+
     #[test]
     fn claims_take_the_oldest_due_jobs_and_step_over_leased_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -1565,24 +1569,24 @@ mod tests {
         let mut leases = Leases::default();
         let lease = Duration::from_secs(60);
         let first = claim(&conn, &mut leases, "a", 3, lease).unwrap();
-        let events: Vec<&str> = first.iter().map(|job| job.event_id.as_str()).collect();
-        assert_eq!(events, ["event-0", "event-1", "event-2"]);
+        assert_eq!(event_ids(&first), ["event-0", "event-1", "event-2"]);
         assert!(first.iter().all(|job| job.target == "a"));
         let second = claim(&conn, &mut leases, "a", 3, lease).unwrap();
-        let events: Vec<&str> = second.iter().map(|job| job.event_id.as_str()).collect();
         assert_eq!(
-            events,
+            event_ids(&second),
             ["event-3", "event-4", "event-5"],
             "leased ones are skipped"
         );
-        // A rolled-back claim leaves its jobs free; a delivered job is gone.
+        // A rolled-back claim leaves its jobs free; a delivered job is gone
+        // once its outcome commits.
         leases.rollback();
-        complete_all(&conn, &[(first[0].id, Outcome::Delivered)]).unwrap();
-        leases.end(first[0].id, None);
+        complete_all(&conn, &mut leases, &[(first[0].id, Outcome::Delivered)]).unwrap();
         leases.commit(now_ms());
         let third = claim(&conn, &mut leases, "a", 4, lease).unwrap();
-        let events: Vec<&str> = third.iter().map(|job| job.event_id.as_str()).collect();
-        assert_eq!(events, ["event-1", "event-2", "event-3", "event-4"]);
+        assert_eq!(
+            event_ids(&third),
+            ["event-1", "event-2", "event-3", "event-4"]
+        );
     }
 
     #[test]
@@ -1612,6 +1616,7 @@ mod tests {
         };
         complete_all(
             &conn,
+            &mut leases,
             &[(a[0].id, Outcome::Delivered), (a[1].id, Outcome::Delivered)],
         )
         .unwrap();
@@ -1621,7 +1626,12 @@ mod tests {
             status: Some(410),
             error: String::new(),
         };
-        complete_all(&conn, &[(b[0].id, Outcome::Delivered), (b[1].id, dead)]).unwrap();
+        complete_all(
+            &conn,
+            &mut leases,
+            &[(b[0].id, Outcome::Delivered), (b[1].id, dead)],
+        )
+        .unwrap();
         assert_eq!(events(&conn), 1, "event-1 stays with its dead letter");
         let kept: String = conn
             .query_row("SELECT id FROM events", [], |row| row.get(0))
@@ -1648,7 +1658,7 @@ mod tests {
                 .iter()
                 .map(|job| (job.id, Outcome::Delivered))
                 .collect();
-            complete_all(&conn, &delivered).unwrap();
+            complete_all(&conn, &mut leases, &delivered).unwrap();
         }
         for sql in [CLAIM_DUE, CLAIM_EVENT, DELETE_DELIVERED, FORGET_EVENTS] {
             let statement = conn.prepare_cached(sql).unwrap();
