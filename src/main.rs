@@ -4,6 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// jemalloc instead of glibc's malloc: the relay frees on one thread what it
+/// allocated on another (a job's bodies, hyper's buffers), where glibc's
+/// arenas contend on a lock and consolidate. Same-hour A/B in
+/// docs/performance.md (fifth pass); Vector and linkerd2-proxy do the same.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     postback_relay::cli::main(postback_relay::cli::Cli::parse())
 }
