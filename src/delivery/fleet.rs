@@ -281,7 +281,7 @@ impl Fleet {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut wanted = BTreeMap::new();
         let mut retired = Vec::new();
-        for target in build_targets(config, &self.client) {
+        for target in build_targets(config, &self.client, &self.metrics) {
             let settings = format!(
                 "{:?} {:?}",
                 config.targets.get(&target.name),
@@ -318,7 +318,6 @@ impl Fleet {
             let task = self.runtime.handle().spawn(run_dispatcher(
                 target.clone(),
                 self.store.clone(),
-                self.metrics.clone(),
                 control.clone(),
                 hot_receiver,
                 self.ingest_load.clone(),

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::header::{HeaderName, HeaderValue};
+use prometheus::{Histogram, IntCounter};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -66,6 +67,29 @@ pub struct Target {
     pub concurrency: usize,
     /// Backoff and give-up limits.
     pub policy: RetryPolicy,
+    /// Its delivery metrics.
+    counted: TargetMetrics,
+}
+
+/// A target's delivery metrics, resolved once: an attempt then counts
+/// without hashing label values and locking the metric families.
+struct TargetMetrics {
+    duration: Histogram,
+    delivered: IntCounter,
+    retried: IntCounter,
+    dead: IntCounter,
+}
+
+impl TargetMetrics {
+    fn new(metrics: &Metrics, target: &str) -> TargetMetrics {
+        let outcome = |label| metrics.deliveries.with_label_values(&[target, label]);
+        TargetMetrics {
+            duration: metrics.delivery_duration.with_label_values(&[target]),
+            delivered: outcome("delivered"),
+            retried: outcome("retried"),
+            dead: outcome("dead"),
+        }
+    }
 }
 
 impl Target {
@@ -77,7 +101,7 @@ impl Target {
 }
 
 /// Builds every target of a validated config.
-fn build_targets(config: &Config, client: &HttpClient) -> Vec<Arc<Target>> {
+fn build_targets(config: &Config, client: &HttpClient, metrics: &Metrics) -> Vec<Arc<Target>> {
     config
         .targets
         .iter()
@@ -123,6 +147,7 @@ fn build_targets(config: &Config, client: &HttpClient) -> Vec<Arc<Target>> {
                     target.max_attempts.unwrap_or(config.delivery.max_attempts),
                     target.max_age.unwrap_or(config.delivery.max_age).0,
                 ),
+                counted: TargetMetrics::new(metrics, name),
             })
         })
         .collect()
@@ -157,7 +182,6 @@ pub fn build_client() -> std::io::Result<HttpClient> {
 async fn run_dispatcher(
     target: Arc<Target>,
     store: Arc<dyn Store>,
-    metrics: Metrics,
     control: Arc<Control>,
     mut hot: mpsc::Receiver<Job>,
     ingest: Arc<IngestLoad>,
@@ -304,11 +328,10 @@ async fn run_dispatcher(
                 .try_acquire_owned()
                 .expect("took no more jobs than free slots");
             let target = target.clone();
-            let metrics = metrics.clone();
             let outcomes = outcomes.clone();
             let unanswered = unanswered.clone();
             attempts.spawn(async move {
-                let outcome = attempt(&target, &metrics, &job).await;
+                let outcome = attempt(&target, &job).await;
                 if matches!(outcome, Outcome::Retry { status: None, .. }) {
                     unanswered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 } else {
@@ -452,24 +475,24 @@ async fn record_outcomes(
 }
 
 /// Sends one job; counts and logs what happened and returns it.
-async fn attempt(target: &Target, metrics: &Metrics, job: &Job) -> Outcome {
+async fn attempt(target: &Target, job: &Job) -> Outcome {
     let started = Instant::now();
     let result = target.sink.send(job, target.timeout).await;
-    metrics
-        .delivery_duration
-        .with_label_values(&[&target.name])
+    target
+        .counted
+        .duration
         .observe(started.elapsed().as_secs_f64());
     let attempt_number = job.attempts + 1;
     // 0 when the target gave no HTTP answer (connection error, timeout, file).
     let status = result.status.unwrap_or(0);
-    let (label, outcome) = match result.verdict {
+    let (counter, outcome) = match result.verdict {
         Verdict::Delivered => {
             tracing::info!(
                 id = %job.event_id, tracking_id = job.tracking_id.as_deref().unwrap_or(""),
                 target = %target.name, attempt = attempt_number,
                 status, "delivered"
             );
-            ("delivered", Outcome::Delivered)
+            (&target.counted.delivered, Outcome::Delivered)
         }
         Verdict::Reject => give_up(target, job, &result, "rejected by target"),
         Verdict::Retry => {
@@ -489,7 +512,7 @@ async fn attempt(target: &Target, metrics: &Metrics, job: &Job) -> Outcome {
                             retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry"
                         );
                     (
-                        "retried",
+                        &target.counted.retried,
                         Outcome::Retry {
                             next_at_ms: now_ms() + delay.as_millis() as i64,
                             status: result.status,
@@ -501,20 +524,17 @@ async fn attempt(target: &Target, metrics: &Metrics, job: &Job) -> Outcome {
             }
         }
     };
-    metrics
-        .deliveries
-        .with_label_values(&[&target.name, label])
-        .inc();
+    counter.inc();
     outcome
 }
 
 /// The dead-letter outcome of an attempt, logged.
-fn give_up(
-    target: &Target,
+fn give_up<'t>(
+    target: &'t Target,
     job: &Job,
     result: &sink::Attempt,
     reason: &str,
-) -> (&'static str, Outcome) {
+) -> (&'t IntCounter, Outcome) {
     tracing::error!(
         id = %job.event_id, tracking_id = job.tracking_id.as_deref().unwrap_or(""),
         target = %target.name, attempt = job.attempts + 1,
@@ -522,7 +542,7 @@ fn give_up(
         "delivery given up; kept as dead letter"
     );
     (
-        "dead",
+        &target.counted.dead,
         Outcome::Dead {
             reason: reason.into(),
             status: result.status,

@@ -85,12 +85,16 @@ pub struct HttpSink {
 impl HttpSink {
     async fn send(&self, job: &Job, timeout: Duration) -> Attempt {
         let (body, content_type) = match self.payload {
-            PayloadKind::Envelope => (job.envelope.clone(), envelope::CONTENT_TYPE.to_owned()),
+            PayloadKind::Envelope => (
+                job.envelope.clone(),
+                HeaderValue::from_static(envelope::CONTENT_TYPE),
+            ),
             PayloadKind::Raw => (
                 job.raw_body.clone(),
                 job.content_type
-                    .clone()
-                    .unwrap_or_else(|| "application/octet-stream".to_owned()),
+                    .as_deref()
+                    .and_then(|value| HeaderValue::from_str(value).ok())
+                    .unwrap_or(HeaderValue::from_static("application/octet-stream")),
             ),
         };
         let mut request = Request::builder()
@@ -98,13 +102,9 @@ impl HttpSink {
             .uri(self.url.clone())
             .header(
                 USER_AGENT,
-                concat!("postback-relay/", env!("CARGO_PKG_VERSION")),
+                HeaderValue::from_static(concat!("postback-relay/", env!("CARGO_PKG_VERSION"))),
             )
-            .header(
-                CONTENT_TYPE,
-                HeaderValue::from_str(&content_type)
-                    .unwrap_or(HeaderValue::from_static("application/octet-stream")),
-            );
+            .header(CONTENT_TYPE, content_type);
         if let Some(headers) = request.headers_mut() {
             // Configured headers replace the defaults above (a custom
             // Content-Type, say) rather than doubling them.
