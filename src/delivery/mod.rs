@@ -8,11 +8,11 @@
 //! memory stays bounded however long the backlog.
 
 pub mod fleet;
+mod ready;
 pub mod retry;
 pub mod signing;
 pub mod sink;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use crate::config::{Config, TargetKind};
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Job, JobId, Outcome, Store, StoreError};
 use fleet::{Control, IngestLoad};
+use ready::Ready;
 use retry::{Next, RetryPolicy, Verdict};
 use signing::SigningKey;
 use sink::{FileSink, HttpClient, HttpSink, Sink};
@@ -44,14 +45,6 @@ const MAKING_ROOM: Duration = Duration::from_millis(2);
 /// store call, and how many at most.
 const OUTCOME_GATHER: Duration = Duration::from_millis(2);
 const OUTCOME_BATCH: usize = 256;
-/// How many rounds (`concurrency` jobs each) a dispatcher keeps claimed
-/// ahead of its attempts. A claim waits behind the writer's outcome batches
-/// (a few ms under load) while a round lasts under a millisecond at full
-/// speed (16 jobs at 20,000 deliveries/s): S4 quick pairs, rounds ahead
-/// 2 / 4 / 8 / 16 / 32 gave 0.41–0.44 / 0.43–0.48 / 0.47–0.57 / 0.48–0.54
-/// / 0.48–0.52 of the bare client. The memory is bounded: 8 × 16 jobs with
-/// their bodies is about 0.5 MB per target at the default concurrency.
-const READY_ROUNDS: usize = 8;
 /// Longest pause of a target that answers nothing, so its return is noticed soon.
 const UNREACHABLE_PAUSE_MAX: Duration = Duration::from_secs(30);
 
@@ -175,7 +168,7 @@ pub fn build_client() -> std::io::Result<HttpClient> {
 /// Jobs come from two places: fresh ones in memory from ingest (`hot`,
 /// already leased), and due ones from the store (retries, replays, jobs no
 /// one handed over), claimed a round or more (`concurrency` jobs) at a time
-/// into a ready buffer [`READY_ROUNDS`] deep. A claim runs on its own task beside the
+/// into a [`Ready`] buffer several rounds deep. A claim runs on its own task beside the
 /// attempts ([`Claiming`]), so a freed slot never waits for the store. The
 /// store is asked when woken, every [`IDLE_POLL`], and while its last claim
 /// came back full. While paused it claims nothing; attempts in flight finish.
@@ -200,7 +193,7 @@ async fn run_dispatcher(
         target.name.clone(),
         finished,
     ));
-    let mut ready: VecDeque<Job> = VecDeque::with_capacity(READY_ROUNDS * round);
+    let mut ready = Ready::new(round);
     let mut claiming = Claiming::default();
     // Whether the store may hold due jobs: at start, after a wake-up, every
     // poll interval (even while hand-overs keep it busy: retries come due in
@@ -216,7 +209,7 @@ async fn run_dispatcher(
             // Jobs taken would outlive their lease while paused (one handed
             // over after this is checked against its lease on resume).
             control.set_takes_hot(false);
-            release(ready.drain(..), &outcomes);
+            release(ready.drain(), &outcomes);
             if let Some(Ok(jobs)) = claiming.finish().await {
                 release(jobs.into_iter(), &outcomes);
             }
@@ -277,9 +270,9 @@ async fn run_dispatcher(
         }
         // Refilled whenever a round is missing: the jobs in hand must
         // outlast a claim's wait behind the writer's outcome batches.
-        let depth = READY_ROUNDS * round;
-        if ready.len() + round <= depth && backlog && claiming.is_idle() {
-            claiming.start(&store, &target, depth - ready.len());
+        let wanted = ready.wanted();
+        if wanted > 0 && backlog && claiming.is_idle() {
+            claiming.start(&store, &target, wanted);
         }
         if *paused.borrow() {
             continue; // paused meanwhile: nothing new starts
@@ -300,7 +293,7 @@ async fn run_dispatcher(
         }
         let mut jobs = Vec::with_capacity(room);
         while jobs.len() < room {
-            let next = match ready.pop_front() {
+            let next = match ready.pop() {
                 Some(job) => job,
                 None => match hot.try_recv() {
                     Ok(job) => job,
@@ -348,7 +341,7 @@ async fn run_dispatcher(
     // waiting for their lease to run out.
     control.set_takes_hot(false);
     hot.close();
-    release(ready.drain(..), &outcomes);
+    release(ready.drain(), &outcomes);
     if let Some(Ok(jobs)) = claiming.finish().await {
         release(jobs.into_iter(), &outcomes);
     }
