@@ -2,10 +2,11 @@
 //! with its own concurrency, so a slow or dead target never delays another one
 //! or the ingest side.
 //!
-//! A dispatcher leases due jobs (never more than it has free slots), sends each
-//! on its own task, and records the outcome: delivered, retry at a time computed
-//! by [`retry::RetryPolicy`], or dead letter. Pending work lives in the store, so
-//! memory stays bounded however long the backlog.
+//! A dispatcher leases due jobs a few rounds ahead of its free slots (bounded
+//! by count and bytes, [`ready`]), sends each on its own task, and records the
+//! outcome: delivered, retry at a time computed by [`retry::RetryPolicy`], or
+//! dead letter. Pending work lives in the store, so memory stays bounded
+//! however long the backlog.
 
 pub mod fleet;
 mod ready;
