@@ -3,7 +3,7 @@
 //! or the ingest side.
 //!
 //! A dispatcher leases due jobs a few rounds ahead of its free slots (bounded
-//! by count and bytes, [`ready`]), sends each on its own task, and records the
+//! by count and bytes, `ready.rs`), sends each on its own task, and records the
 //! outcome: delivered, retry at a time computed by [`retry::RetryPolicy`], or
 //! dead letter. Pending work lives in the store, so memory stays bounded
 //! however long the backlog.
