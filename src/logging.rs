@@ -7,10 +7,10 @@
 //! thread: a futex call on the request's path and a wake-up of an idle vCPU,
 //! which costs tens of µs on these VMs. Here a line is appended to a shared
 //! buffer under a mutex (no system call); the thread writes whatever has
-//! gathered every [`FLUSH_EVERY`], or sooner when much has. Nothing is
-//! dropped: past [`WRITE_THROUGH_AT`] (stderr not keeping up) a logger writes
+//! gathered every `FLUSH_EVERY`, or sooner when much has. Nothing is
+//! dropped: past `WRITE_THROUGH_AT` (stderr not keeping up) a logger writes
 //! the buffer itself. At exit the guard writes what is left; a SIGKILL loses
-//! at most the last [`FLUSH_EVERY`] of lines.
+//! at most the last `FLUSH_EVERY` of lines.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

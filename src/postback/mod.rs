@@ -2,9 +2,9 @@
 //! the Content-Type alone) into one tolerant, canonical [`Postback`].
 //!
 //! Both formats are first read into a plain JSON tree by their own module
-//! ([`xml`], [`json`]); everything the aggregator is inconsistent about (tag case,
+//! (`xml`, `json`); everything the aggregator is inconsistent about (tag case,
 //! hyphens, wrappers, numbers for strings, the shape of the content list) is then
-//! folded in one place, [`Postback::from_tree`], so XML and JSON can never drift.
+//! folded in one place, `Postback::from_tree`, so XML and JSON can never drift.
 
 mod json;
 mod xml;
