@@ -23,6 +23,9 @@
 //!   an fsync of their own, and writes in the same transaction the sequence
 //!   number up to which every record is moved. Once a durable SQLite commit
 //!   covers a segment, [`Intake::forget_through`] deletes it.
+//! - With `sync: full` every name the journal creates is made durable
+//!   before a record in it counts: a segment's (an fsync of the journal
+//!   directory) and the journal directory's own (an fsync of the database's).
 //! - At open, [`Intake::open`] returns the records after that number. A
 //!   segment ends at its first zero length; a torn last record (a crash in
 //!   the middle of a write) was never acknowledged and is dropped.
@@ -107,6 +110,17 @@ impl Intake {
     ) -> Result<(Intake, Vec<Journaled>, u64), StoreError> {
         let dir = journal_dir(database);
         std::fs::create_dir_all(&dir).map_err(|err| io_error(&dir, &err))?;
+        if sync == SyncMode::Full {
+            // The journal directory's own name lives in the database's
+            // directory: without this fsync a power cut can take a new
+            // journal, acknowledged records and all (SQLite's fsyncs of that
+            // directory are for its own files, and happen before this one).
+            let parent = match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            sync_dir(parent)?;
+        }
         let mut records = Vec::new();
         let mut closed = VecDeque::new();
         let mut last_seq = moved_through;
@@ -457,11 +471,16 @@ fn create_segment(
     }
     if sync == SyncMode::Full {
         // The new name must survive a power cut before records in it count.
-        File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|err| io_error(dir, &err))?;
+        sync_dir(dir)?;
     }
     Ok(file)
+}
+
+/// fsyncs a directory: what makes the names created in it durable.
+pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|err| io_error(dir, &err))
 }
 
 fn io_error(path: &Path, err: &std::io::Error) -> StoreError {
