@@ -490,6 +490,27 @@ pub async fn wait_for_all(
     acknowledged: &BTreeMap<String, String>,
     timeout: Duration,
 ) -> BTreeMap<String, usize> {
+    let (counts, missing) = deliveries(sink, acknowledged, timeout).await;
+    if !missing.is_empty() {
+        panic!(
+            "{} of {} acknowledged postbacks never delivered to {}, e.g. {:?}",
+            missing.len(),
+            acknowledged.len(),
+            sink.addr,
+            &missing[..missing.len().min(5)]
+        );
+    }
+    counts
+}
+
+/// What [`wait_for_all`] waits for, without failing: the deliveries (tracking
+/// id → how many times received) and the acknowledged postbacks still
+/// missing when `timeout` ran out (none if it returned early).
+pub async fn deliveries(
+    sink: &Sink,
+    acknowledged: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> (BTreeMap<String, usize>, Vec<String>) {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut seen = 0;
@@ -510,21 +531,13 @@ pub async fn wait_for_all(
             }
             *counts.entry(tracking_id.to_owned()).or_insert(0) += 1;
         }
-        let missing: Vec<&String> = acknowledged
+        let missing: Vec<String> = acknowledged
             .keys()
             .filter(|id| !counts.contains_key(*id))
+            .cloned()
             .collect();
-        if missing.is_empty() {
-            return counts;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!(
-                "{} of {} acknowledged postbacks never delivered to {}, e.g. {:?}",
-                missing.len(),
-                acknowledged.len(),
-                sink.addr,
-                &missing[..missing.len().min(5)]
-            );
+        if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+            return (counts, missing);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
