@@ -27,7 +27,9 @@ pub struct ConnectionInfo {
 pub struct AccessPolicy {
     allow: Vec<Cidr>,
     trusted_proxies: Vec<Cidr>,
-    /// `Basic base64(user:password)`, precomputed for a constant-time compare.
+    /// SHA-256 of `Basic base64(user:password)`: the compare of two digests
+    /// (one length) reveals not even the credentials' length, and the
+    /// credentials themselves are not kept.
     basic_auth: Option<Vec<u8>>,
     /// SHA-256 of the secret last path segment.
     path_token: Option<Vec<u8>>,
@@ -52,7 +54,7 @@ impl AccessPolicy {
                     .resolve()
                     .map_err(|e| format!("ingest.basic_auth.password: {e}"))?;
                 let encoded = STANDARD.encode(format!("{}:{password}", auth.username));
-                Some(format!("Basic {encoded}").into_bytes())
+                Some(Sha256::digest(format!("Basic {encoded}")).to_vec())
             }
             None => None,
         };
@@ -149,7 +151,10 @@ impl AccessPolicy {
                 .get(AUTHORIZATION)
                 .map(|value| value.as_bytes())
                 .unwrap_or_default();
-            if !bool::from(given.ct_eq(expected)) {
+            // As for the path token: digests of one length, so the compare
+            // does not stop early at a length mismatch.
+            let given = Sha256::digest(given);
+            if !bool::from(given.as_slice().ct_eq(expected.as_slice())) {
                 return Err(Denied::Unauthorized);
             }
         }
@@ -301,5 +306,53 @@ mod tests {
         assert_eq!(p.check(ip, &good, "/wrong"), Err(Denied::Unauthorized));
         assert_eq!(p.check(ip, &good, ""), Err(Denied::Unauthorized));
         assert!(p.uses_path_token() && p.uses_basic_auth());
+    }
+
+    /// The timing of the compare cannot be measured reliably in a test; what
+    /// is checked is its shape: wrong credentials of every length (shorter,
+    /// a prefix, equal, longer) are refused, and the policy keeps only a
+    /// digest of one fixed length, so the compare has nothing of the
+    /// credentials' length to reveal.
+    #[test]
+    fn basic_auth_compares_digests_of_one_length() {
+        std::env::set_var("ACCESS_TEST_DIGEST_PASSWORD", "correct horse");
+        let config = IngestConfig {
+            basic_auth: Some(BasicAuthConfig {
+                username: "sinch".into(),
+                password: SecretSource {
+                    file: None,
+                    env: Some("ACCESS_TEST_DIGEST_PASSWORD".into()),
+                },
+            }),
+            ..IngestConfig::default()
+        };
+        let p = AccessPolicy::new(&config).unwrap();
+        let encoded = STANDARD.encode("sinch:correct horse");
+        let expected = p.basic_auth.as_deref().unwrap();
+        assert_eq!(expected.len(), 32, "a SHA-256 digest is kept");
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(AUTHORIZATION, value.parse().unwrap());
+            headers
+        };
+        let right = format!("Basic {encoded}");
+        assert_eq!(p.check(ip, &with(&right), ""), Ok(()));
+        let same_length = format!("Basic {}", STANDARD.encode("sinch:correct horsE"));
+        assert_eq!(same_length.len(), right.len());
+        for wrong in [
+            "Basic".to_owned(),
+            right[..right.len() - 1].to_owned(),
+            same_length,
+            format!("{right}x"),
+            format!("{right}{}", "A".repeat(4096)),
+        ] {
+            assert_eq!(
+                p.check(ip, &with(&wrong), ""),
+                Err(Denied::Unauthorized),
+                "{} bytes",
+                wrong.len()
+            );
+        }
     }
 }
