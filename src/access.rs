@@ -2,6 +2,13 @@
 //! client address is believed, and the optional credentials (basic auth, a
 //! secret path token). Every decision here is a pure function of the
 //! connection and the request headers, so it is tested without sockets.
+//!
+//! The allowlist is applied twice. At accept, to the TCP peer
+//! ([`AccessPolicy::admit`]): a peer that may not post is closed before a
+//! byte is read or a connection slot is taken, so refused clients cannot
+//! crowd out Sinch. Behind a trusted proxy the client is known only later
+//! (from the PROXY header, or per request from `X-Forwarded-For`), so the
+//! check runs again then ([`AccessPolicy::check`]).
 
 use std::net::IpAddr;
 
@@ -12,14 +19,16 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{Cidr, IngestConfig};
+use crate::proxy_protocol::ProxyHeader;
 
 /// What the accept loop learned about a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionInfo {
     /// The TCP peer.
     pub peer: std::net::SocketAddr,
-    /// The client a trusted L4 balancer named in its PROXY header.
-    pub proxied: Option<std::net::SocketAddr>,
+    /// What the PROXY header of a trusted L4 balancer said, when the
+    /// connection carried one: then `X-Forwarded-For` is never read.
+    pub proxy: Option<ProxyHeader>,
 }
 
 /// The access rules of the public listener.
@@ -42,6 +51,18 @@ pub enum Denied {
     Forbidden,
     /// Credentials missing or wrong (401).
     Unauthorized,
+}
+
+/// What the accept loop does with a TCP peer, before reading from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Not on the allowlist and not a trusted proxy: closed at once.
+    Refused,
+    /// May post (on the allowlist, or the allowlist is empty).
+    Client,
+    /// A load balancer in `trusted_proxies`: the client it speaks for is
+    /// checked once known (PROXY header, or each request's `X-Forwarded-For`).
+    TrustedProxy,
 }
 
 impl AccessPolicy {
@@ -95,12 +116,39 @@ impl AccessPolicy {
         self.trusted_proxies.iter().any(|net| net.contains(addr))
     }
 
-    /// The address of the real client. Starting from the connection (or what a
-    /// trusted L4 balancer said in its PROXY header), as long as the address
-    /// is a trusted proxy, step to the right-most `X-Forwarded-For` hop not yet
-    /// used. A forged header from an untrusted peer is never read.
+    /// Whether `client` is on the allowlist (an empty one allows everyone).
+    pub fn is_allowed(&self, client: IpAddr) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(client))
+    }
+
+    /// The accept-time decision on a TCP peer. A trusted proxy is admitted
+    /// whatever the allowlist says (its clients are checked later).
+    pub fn admit(&self, peer: IpAddr) -> Admission {
+        if self.is_trusted_proxy(peer) {
+            Admission::TrustedProxy
+        } else if self.is_allowed(peer) {
+            Admission::Client
+        } else {
+            Admission::Refused
+        }
+    }
+
+    /// The address of the real client.
+    ///
+    /// On a connection that carried a PROXY header, the client it named (or,
+    /// after `UNKNOWN`/`LOCAL`, the balancer itself); `X-Forwarded-For` is
+    /// then never read: an L4 balancer passes HTTP headers through untouched,
+    /// so they are the client's own words. Otherwise, starting from the TCP
+    /// peer, as long as the address is a trusted proxy, step to the right-most
+    /// `X-Forwarded-For` hop not yet used. A forged header from an untrusted
+    /// peer is never read.
     pub fn client_addr(&self, connection: &ConnectionInfo, headers: &HeaderMap) -> IpAddr {
-        let mut addr = connection.proxied.unwrap_or(connection.peer).ip();
+        match connection.proxy {
+            Some(ProxyHeader::Client(client)) => return client.ip(),
+            Some(ProxyHeader::Local) => return connection.peer.ip(),
+            None => {}
+        }
+        let mut addr = connection.peer.ip();
         if !self.is_trusted_proxy(addr) {
             return addr;
         }
@@ -134,7 +182,7 @@ impl AccessPolicy {
         headers: &HeaderMap,
         path_rest: &str,
     ) -> Result<(), Denied> {
-        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(client)) {
+        if !self.is_allowed(client) {
             return Err(Denied::Forbidden);
         }
         if let Some(token) = &self.path_token {
@@ -189,7 +237,7 @@ mod tests {
     fn connection(peer: &str) -> ConnectionInfo {
         ConnectionInfo {
             peer: format!("{peer}:40000").parse().unwrap(),
-            proxied: None,
+            proxy: None,
         }
     }
 
@@ -235,15 +283,70 @@ mod tests {
         }
     }
 
+    fn proxied(header: ProxyHeader) -> ConnectionInfo {
+        ConnectionInfo {
+            peer: "10.0.0.1:5000".parse().unwrap(),
+            proxy: Some(header),
+        }
+    }
+
     #[test]
     fn proxy_protocol_source_counts_as_the_peer() {
         let p = policy(&["203.0.113.0/24"], &["10.0.0.0/8"]);
-        let conn = ConnectionInfo {
-            peer: "10.0.0.1:5000".parse().unwrap(),
-            proxied: Some("203.0.113.7:6000".parse().unwrap()),
-        };
+        let conn = proxied(ProxyHeader::Client("203.0.113.7:6000".parse().unwrap()));
         let client = p.client_addr(&conn, &HeaderMap::new());
         assert_eq!(client, "203.0.113.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn forwarded_for_is_never_read_on_a_proxy_protocol_connection() {
+        // The PROXY client is itself in a trusted range: its forged header
+        // must still not name the client.
+        let p = policy(&["203.0.113.0/24"], &["10.0.0.0/8"]);
+        let conn = proxied(ProxyHeader::Client("10.9.9.9:6000".parse().unwrap()));
+        let client = p.client_addr(&conn, &xff("203.0.113.5"));
+        assert_eq!(client, "10.9.9.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            p.check(client, &HeaderMap::new(), ""),
+            Err(Denied::Forbidden)
+        );
+        // An allowed PROXY client with a forged header stays itself.
+        let conn = proxied(ProxyHeader::Client("203.0.113.7:6000".parse().unwrap()));
+        let client = p.client_addr(&conn, &xff("198.51.100.1"));
+        assert_eq!(client, "203.0.113.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn unknown_or_local_proxy_header_means_the_balancer_is_the_client() {
+        let p = policy(&["203.0.113.0/24"], &["10.0.0.0/8"]);
+        let client = p.client_addr(&proxied(ProxyHeader::Local), &xff("203.0.113.5"));
+        assert_eq!(client, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            p.check(client, &HeaderMap::new(), ""),
+            Err(Denied::Forbidden)
+        );
+        // Unless the balancer is listed itself.
+        let p = policy(&["203.0.113.0/24", "10.0.0.1"], &["10.0.0.0/8"]);
+        let client = p.client_addr(&proxied(ProxyHeader::Local), &HeaderMap::new());
+        assert_eq!(p.check(client, &HeaderMap::new(), ""), Ok(()));
+    }
+
+    #[test]
+    fn admission_at_accept() {
+        let p = policy(&["203.0.113.0/24"], &["10.0.0.0/8"]);
+        for (peer, expected) in [
+            ("203.0.113.9", Admission::Client),
+            ("198.51.100.1", Admission::Refused),
+            ("10.1.2.3", Admission::TrustedProxy),
+        ] {
+            assert_eq!(p.admit(peer.parse().unwrap()), expected, "{peer}");
+        }
+        // An empty allowlist admits everyone.
+        let open = policy(&[], &[]);
+        assert_eq!(
+            open.admit("198.51.100.1".parse().unwrap()),
+            Admission::Client
+        );
     }
 
     #[test]
