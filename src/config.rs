@@ -147,9 +147,22 @@ pub struct IngestConfig {
     /// A request's body must arrive within this time, or it is answered 408.
     #[serde(default = "default_body_read_timeout")]
     pub body_read_timeout: HumanDuration,
-    /// Connections served at once; more wait in the kernel's accept queue.
+    /// Connections served at once. A connection accepted while every slot is
+    /// taken is closed at once (and counted): the accept loop never stops, so
+    /// refused peers cannot queue in front of allowed ones.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections open at once from one client address (the TCP peer, or the
+    /// client a trusted balancer's PROXY header names), so one address cannot
+    /// take every slot. Sinch keeps one persistent connection per account.
+    /// A trusted proxy's own address is not capped: it carries every client.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: std::num::NonZeroUsize,
+    /// HTTP/2 streams (requests) open at once on one connection, announced in
+    /// the server's SETTINGS; without it one connection could run hundreds
+    /// of requests at once past `max_connections`.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: std::num::NonZeroU32,
     /// Source addresses (IPs or CIDRs) allowed to post; empty allows everyone
     /// (with a warning at start). Sinch gives its list at onboarding.
     #[serde(default)]
@@ -177,6 +190,8 @@ impl Default for IngestConfig {
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
             max_connections: default_max_connections(),
+            max_connections_per_source: default_max_connections_per_source(),
+            max_concurrent_streams: default_max_concurrent_streams(),
             allow: Vec::new(),
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
@@ -573,6 +588,12 @@ fn default_body_read_timeout() -> HumanDuration {
 }
 fn default_max_connections() -> usize {
     1024
+}
+fn default_max_connections_per_source() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(8).expect("not zero")
+}
+fn default_max_concurrent_streams() -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(16).expect("not zero")
 }
 fn default_store_path() -> PathBuf {
     PathBuf::from("data/relay.db")

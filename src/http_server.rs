@@ -1,9 +1,23 @@
 //! The accept loop shared by the public (ingest) and admin listeners.
 //!
+//! Admission comes first, right after `accept` and before TLS or a slot: a
+//! TCP peer that may not post (neither on `ingest.allow` nor a trusted proxy)
+//! is closed at once without a byte read; then the per-source cap
+//! (`ingest.max_connections_per_source`); then a connection slot, taken
+//! without waiting: when all `max_connections` are busy the new connection
+//! is closed. The loop never waits for a slot before `accept`, so refused
+//! peers in the kernel's backlog cannot keep Sinch's connection out. Each
+//! refusal is counted in `relay_connections_refused_total`; the log says so
+//! at most once per [`REFUSAL_LOG_EVERY`].
+//!
 //! Each connection runs in its own task: optional PROXY header (trusted
-//! balancers only), optional TLS, then hyper-util's auto connection (HTTP/1.1
-//! with keep-alive, HTTP/2 when the client asks). A watchdog per connection
-//! enforces two different clocks that hyper folds into one:
+//! balancers only; the client it names is checked against the allowlist and
+//! its own per-source cap), optional TLS, then hyper-util's auto connection
+//! (HTTP/1.1 with keep-alive, HTTP/2 when the client asks, at most
+//! `max_concurrent_streams` streams at once). Every 401 or 403 answer closes
+//! its connection (`Connection: close`, or GOAWAY on HTTP/2): a refused
+//! client gets no idle keep-alive slot. A watchdog per connection enforces
+//! two different clocks that hyper folds into one:
 //! - idle: a keep-alive connection with no request in flight is kept for
 //!   `idle_timeout` (Sinch's persistent connection must survive quiet spells);
 //! - headers: once a client starts a request (or opens a connection) its
@@ -12,9 +26,11 @@
 //! Shutdown: stop accepting, let each connection finish its request in flight
 //! (graceful close), wait up to `drain_timeout`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -23,23 +39,31 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access::ConnectionInfo;
+use crate::access::{AccessPolicy, Admission, ConnectionInfo};
+use crate::live::Live;
+use crate::logging::LogThrottle;
 use crate::metrics::Metrics;
+use crate::proxy_protocol::ProxyHeader;
 use crate::tls::TlsReloader;
 
 /// The response type of every handler: small, fully buffered bodies.
 pub type HttpResponse = Response<Full<Bytes>>;
+
+/// How often at most a refused connection is logged; a flood of them only
+/// moves `relay_connections_refused_total`.
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Connection settings of one listener.
 #[derive(Clone)]
@@ -48,12 +72,20 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: Duration,
-    /// Connections served at once.
+    /// Connections served at once; one more is closed at accept.
     pub max_connections: usize,
+    /// Connections open at once per client address (`None`: uncapped, as on
+    /// the admin listener). A trusted proxy's own address is never capped.
+    pub max_connections_per_source: Option<usize>,
+    /// HTTP/2 streams open at once on one connection.
+    pub max_concurrent_streams: u32,
     /// How long shutdown waits for requests in flight before closing anyway.
     pub drain_timeout: Duration,
-    /// Read a PROXY header from peers this predicate trusts.
-    pub proxy_protocol_from: Option<Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>>,
+    /// Who may connect, decided on the TCP peer at accept (`None`: everyone,
+    /// as on the admin listener, which has no allowlist).
+    pub access: Option<Arc<Live<AccessPolicy>>>,
+    /// Read a PROXY header from the trusted proxies of `access`.
+    pub proxy_protocol: bool,
     /// Serve TLS with the current certificate.
     pub tls: Option<Arc<TlsReloader>>,
 }
@@ -78,15 +110,23 @@ pub async fn serve<H, F>(
         .keep_alive(true)
         .timer(TokioTimer::new())
         .header_read_timeout(None);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(options.max_concurrent_streams);
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(options.max_connections));
+    let gate = Arc::new(Gate {
+        name,
+        access: options.access.clone(),
+        per_source: Arc::new(PerSource {
+            limit: options.max_connections_per_source.unwrap_or(usize::MAX),
+            open: Mutex::new(HashMap::new()),
+        }),
+        metrics: metrics.clone(),
+    });
     let connections = TaskTracker::new();
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = shutdown.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -99,20 +139,26 @@ pub async fn serve<H, F>(
             },
             () = shutdown.cancelled() => break,
         };
+        // Dropping `stream` on a refusal closes it unread.
+        let Some(admitted) = gate.admit(peer) else {
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            gate.refuse(peer, peer.ip(), Refusal::NoSlot);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             name,
             peer,
             builder: builder.clone(),
             options: options.clone(),
+            gate: gate.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         };
         let handler = handler.clone();
-        connections.spawn(async move {
-            connection.run(stream, handler).await;
-            drop(permit);
-        });
+        connections.spawn(connection.run(stream, admitted, slot, handler));
     }
     drop(listener);
     connections.close();
@@ -127,47 +173,211 @@ pub async fn serve<H, F>(
     }
 }
 
+/// Why a connection was closed without being served (the metric's label).
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// The client is not on the allowlist.
+    NotAllowed,
+    /// The client already has `max_connections_per_source` open.
+    PerSourceLimit,
+    /// Every one of `max_connections` slots is busy.
+    NoSlot,
+}
+
+impl Refusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotAllowed => "not_allowed",
+            Refusal::PerSourceLimit => "per_source_limit",
+            Refusal::NoSlot => "no_slot",
+        }
+    }
+}
+
+/// The admission decisions of one listener: allowlist and per-source cap.
+struct Gate {
+    name: &'static str,
+    access: Option<Arc<Live<AccessPolicy>>>,
+    per_source: Arc<PerSource>,
+    metrics: Metrics,
+}
+
+/// What admission let through: whether the peer is a trusted proxy (whose
+/// client is checked later), and the per-source count it holds.
+struct Admitted {
+    trusted_proxy: bool,
+    source: Option<SourceGuard>,
+}
+
+impl Gate {
+    /// The accept-time check on the TCP peer; `None` when it was refused.
+    fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
+        let admission = self
+            .access
+            .as_ref()
+            .map_or(Admission::Client, |access| access.get().admit(peer.ip()));
+        match admission {
+            Admission::TrustedProxy => Some(Admitted {
+                trusted_proxy: true,
+                source: None,
+            }),
+            Admission::Client => self.hold_source(peer, peer.ip()).map(|guard| Admitted {
+                trusted_proxy: false,
+                source: Some(guard),
+            }),
+            Admission::Refused => {
+                self.refuse(peer, peer.ip(), Refusal::NotAllowed);
+                None
+            }
+        }
+    }
+
+    /// The check on the client a PROXY header named (after `UNKNOWN`/`LOCAL`
+    /// the balancer itself, which is not capped). `None` when it was refused,
+    /// else the per-source count it holds.
+    fn admit_proxied(&self, peer: SocketAddr, header: ProxyHeader) -> Option<Option<SourceGuard>> {
+        let client = match header {
+            ProxyHeader::Client(client) => client.ip(),
+            ProxyHeader::Local => peer.ip(),
+        };
+        let allowed = self
+            .access
+            .as_ref()
+            .is_none_or(|access| access.get().is_allowed(client));
+        if !allowed {
+            self.refuse(peer, client, Refusal::NotAllowed);
+            return None;
+        }
+        match header {
+            ProxyHeader::Client(_) => self.hold_source(peer, client).map(Some),
+            ProxyHeader::Local => Some(None),
+        }
+    }
+
+    fn hold_source(&self, peer: SocketAddr, client: IpAddr) -> Option<SourceGuard> {
+        let guard = PerSource::take(&self.per_source, client);
+        if guard.is_none() {
+            self.refuse(peer, client, Refusal::PerSourceLimit);
+        }
+        guard
+    }
+
+    /// Counts a refusal; logs it when the throttle allows.
+    fn refuse(&self, peer: SocketAddr, client: IpAddr, refusal: Refusal) {
+        static LOG: LogThrottle = LogThrottle::new(REFUSAL_LOG_EVERY);
+        let reason = refusal.as_str();
+        self.metrics
+            .connections_refused
+            .with_label_values(&[self.name, reason])
+            .inc();
+        if let Some(not_logged) = LOG.admit() {
+            tracing::warn!(
+                listener = self.name, %peer, %client, reason, not_logged,
+                "connection refused (logged at most once per 10 s; relay_connections_refused_total counts every one)"
+            );
+        }
+    }
+}
+
+/// Open connections per client address.
+struct PerSource {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerSource {
+    /// Counts one more connection from `client`, unless it is at the limit.
+    fn take(table: &Arc<PerSource>, client: IpAddr) -> Option<SourceGuard> {
+        // An IPv4 client reaching a dual-stack listener shows as ::ffff:a.b.c.d.
+        let client = client.to_canonical();
+        let mut open = table.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(client).or_insert(0);
+        if *count >= table.limit {
+            return None;
+        }
+        *count += 1;
+        Some(SourceGuard {
+            table: table.clone(),
+            client,
+        })
+    }
+}
+
+/// One connection counted against its source; uncounted on drop.
+struct SourceGuard {
+    table: Arc<PerSource>,
+    client: IpAddr,
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
 /// One accepted connection and what it needs.
 struct Connection {
     name: &'static str,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
     options: ServeOptions,
+    gate: Arc<Gate>,
     metrics: Metrics,
     shutdown: CancellationToken,
 }
 
+/// Whether an answer ends its connection: a client refused once gets no
+/// keep-alive connection to sit on (nor to try the next password on).
+fn closes_connection(status: StatusCode) -> bool {
+    matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+}
+
 impl Connection {
-    async fn run<H, F>(self, mut stream: TcpStream, handler: H)
-    where
+    /// Serves the connection; the slot and the per-source count it holds are
+    /// given back when it ends.
+    async fn run<H, F>(
+        self,
+        mut stream: TcpStream,
+        mut admitted: Admitted,
+        _slot: OwnedSemaphorePermit,
+        handler: H,
+    ) where
         H: Fn(Request<Incoming>, ConnectionInfo) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = HttpResponse> + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
         let mut info = ConnectionInfo {
             peer: self.peer,
-            proxied: None,
+            proxy: None,
         };
         let mut prefix = Vec::new();
-        if let Some(trusts) = &self.options.proxy_protocol_from {
-            if trusts(self.peer.ip()) {
-                let header = tokio::time::timeout(
-                    self.options.header_read_timeout,
-                    crate::proxy_protocol::read_header(&mut stream),
-                );
-                match header.await {
-                    Ok(Ok((client, rest))) => {
-                        info.proxied = client;
-                        prefix = rest;
-                    }
-                    Ok(Err(err)) => {
-                        tracing::warn!(listener = self.name, peer = %self.peer, error = %err, "bad PROXY header; closing");
+        if admitted.trusted_proxy && self.options.proxy_protocol {
+            let header = tokio::time::timeout(
+                self.options.header_read_timeout,
+                crate::proxy_protocol::read_header(&mut stream),
+            );
+            match header.await {
+                Ok(Ok((header, rest))) => {
+                    let Some(source) = self.gate.admit_proxied(self.peer, header) else {
                         return;
-                    }
-                    Err(_) => {
-                        self.count_timeout("proxy_header");
-                        return;
-                    }
+                    };
+                    admitted.source = source;
+                    info.proxy = Some(header);
+                    prefix = rest;
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(listener = self.name, peer = %self.peer, error = %err, "bad PROXY header; closing");
+                    return;
+                }
+                Err(_) => {
+                    self.count_timeout("proxy_header");
+                    return;
                 }
             }
         }
@@ -208,14 +418,28 @@ impl Connection {
         let service = {
             let activity = activity.clone();
             service_fn(move |request: Request<Incoming>| {
-                activity.request_started(request.version() == hyper::Version::HTTP_2);
+                let http2 = request.version() == hyper::Version::HTTP_2;
+                activity.request_started(http2);
                 // Ends the request on drop too: hyper drops the future of an
                 // HTTP/2 stream the client resets, and a count left behind
                 // would stop the watchdog's clocks for good.
                 let in_flight = InFlight(activity.clone());
                 let response = handler(request, info);
+                let activity = activity.clone();
                 async move {
-                    let response = response.await;
+                    let mut response = response.await;
+                    if closes_connection(response.status()) {
+                        if http2 {
+                            // GOAWAY from the watchdog; the other streams finish.
+                            activity.close_wanted();
+                        } else {
+                            // hyper closes an HTTP/1 connection after an
+                            // answer that says so.
+                            response
+                                .headers_mut()
+                                .insert(CONNECTION, HeaderValue::from_static("close"));
+                        }
+                    }
                     drop(in_flight);
                     Ok::<_, Infallible>(response)
                 }
@@ -230,6 +454,11 @@ impl Connection {
         // one that never does is cut after `drain_timeout`.
         let mut cut_off_at = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         loop {
+            if !closing && activity.closing() {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+                cut_off_at = Instant::now() + self.options.drain_timeout;
+            }
             let (deadline, clock) =
                 activity.deadline(self.options.idle_timeout, self.options.header_read_timeout);
             tokio::select! {
@@ -312,6 +541,8 @@ struct ActivityState {
     /// HTTP/2 peers send frames (PING, SETTINGS) while idle: only the idle
     /// clock applies to them once they are known.
     http2: bool,
+    /// An answer asked for the connection to end (HTTP/2 401/403).
+    close: bool,
 }
 
 impl Activity {
@@ -323,6 +554,7 @@ impl Activity {
                 idle_since: now,
                 request_started_at: Some(now),
                 http2: false,
+                close: false,
             }),
             changed: tokio::sync::Notify::new(),
         }
@@ -353,6 +585,15 @@ impl Activity {
         state.in_flight -= 1;
         state.idle_since = Instant::now();
         self.changed.notify_one();
+    }
+
+    fn close_wanted(&self) {
+        self.state().close = true;
+        self.changed.notify_one();
+    }
+
+    fn closing(&self) -> bool {
+        self.state().close
     }
 
     /// The next moment the watchdog must look, and for which clock.

@@ -22,8 +22,9 @@ use sha2::{Digest, Sha256};
 use crate::access::{AccessPolicy, ConnectionInfo, Denied};
 use crate::delivery::fleet::{Committed, Fleet, Handoff};
 use crate::envelope::Envelope;
-use crate::http_server::{json_response, HttpResponse};
+use crate::http_server::{json_response, HttpResponse, REFUSAL_LOG_EVERY};
 use crate::live::Live;
+use crate::logging::LogThrottle;
 use crate::metrics::Metrics;
 use crate::postback::{self, Postback};
 use crate::routing::{Decision, Router};
@@ -347,7 +348,12 @@ impl Ingest {
             .postbacks_received
             .with_label_values(&["unknown", outcome])
             .inc();
-        tracing::warn!(%client, peer = %connection.peer, outcome, "postback refused");
+        // One line per refusal would let anyone fill the disk; the metric
+        // above counts every one.
+        static LOG: LogThrottle = LogThrottle::new(REFUSAL_LOG_EVERY);
+        if let Some(not_logged) = LOG.admit() {
+            tracing::warn!(%client, peer = %connection.peer, outcome, not_logged, "postback refused (logged at most once per 10 s)");
+        }
         let mut response = error(status, message);
         if denied == Denied::Unauthorized && access.uses_basic_auth() {
             response.headers_mut().insert(

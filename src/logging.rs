@@ -132,9 +132,57 @@ fn write_batches(shared: &Shared) {
     }
 }
 
+/// At most one log line per `every` for an event a flood can repeat at will
+/// (refused connections, wrong credentials): the metrics count every one, the
+/// log says that it happens without becoming a disk filler.
+pub struct LogThrottle {
+    every: Duration,
+    /// When the last line was let through, and how many were held back since.
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogThrottle {
+    /// A throttle letting one line through per `every`.
+    pub const fn new(every: Duration) -> LogThrottle {
+        LogThrottle {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back)` when a line may be written now (with the number of
+    /// events not logged since the last line), `None` when it must not.
+    pub fn admit(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let throttle = LogThrottle::new(Duration::from_millis(200));
+        assert_eq!(throttle.admit(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(throttle.admit(), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(throttle.admit(), Some(1000));
+        assert_eq!(throttle.admit(), None);
+    }
 
     #[test]
     fn lines_wait_in_the_buffer_until_the_writer_takes_them() {

@@ -31,6 +31,10 @@ pub struct Metrics {
     /// Clients cut off for being too slow, by listener and phase
     /// (`headers`, `body`, `tls_handshake`, `proxy_header`).
     pub connection_timeouts: IntCounterVec,
+    /// Connections closed at accept (or right after a PROXY header) without
+    /// being served, by listener and reason (`not_allowed`,
+    /// `per_source_limit`, `no_slot`): a flood shows here, not in the log.
+    pub connections_refused: IntCounterVec,
     /// Always 1, labelled with the running version: dashboards and alerts
     /// can tell which build each instance runs.
     pub build_info: IntGaugeVec,
@@ -114,6 +118,14 @@ impl Metrics {
             &["listener", "phase"],
         )
         .expect("valid metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "relay_connections_refused_total",
+                "Connections closed without being served, by listener and reason.",
+            ),
+            &["listener", "reason"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("relay_build_info", "The running build; always 1."),
             &["version"],
@@ -147,6 +159,7 @@ impl Metrics {
             Box::new(dead_letters.clone()),
             Box::new(queue_oldest_age.clone()),
             Box::new(connection_timeouts.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(build_info.clone()),
             Box::new(config_reloads.clone()),
             Box::new(target_paused.clone()),
@@ -171,6 +184,7 @@ impl Metrics {
             dead_letters,
             queue_oldest_age,
             connection_timeouts,
+            connections_refused,
             build_info,
             config_reloads,
             target_paused,

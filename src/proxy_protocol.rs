@@ -1,6 +1,10 @@
 //! PROXY protocol v1/v2 (HAProxy, AWS NLB): an L4 balancer prefixes the TCP
 //! stream with the real client's address. The header is read only from peers
 //! in `ingest.trusted_proxies`; parsing is the `ppp` crate's.
+//!
+//! What the header said is kept with the connection ([`ProxyHeader`]): an L4
+//! balancer never cleans HTTP headers, so on such a connection the client is
+//! the one named here and `X-Forwarded-For` is never read.
 
 use std::net::SocketAddr;
 
@@ -12,10 +16,20 @@ use tokio::net::TcpStream;
 /// 16-bit length; real balancers send far less).
 const MAX_HEADER: usize = 16 + 65_535;
 
-/// Reads the PROXY header at the start of `stream`. Returns the client address
-/// it names (None for `UNKNOWN`/`LOCAL`) and any bytes read past the header,
-/// which belong to the HTTP stream.
-pub async fn read_header(stream: &mut TcpStream) -> Result<(Option<SocketAddr>, Vec<u8>), String> {
+/// What a connection's PROXY header said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyHeader {
+    /// `PROXY TCP4/TCP6` (v1) or a v2 `PROXY` command: the real client.
+    Client(SocketAddr),
+    /// `PROXY UNKNOWN` (v1), or v2 `LOCAL`/unspecified: the balancer speaks for
+    /// itself (health checks); it names no client, so the balancer's own
+    /// address is the client.
+    Local,
+}
+
+/// Reads the PROXY header at the start of `stream`. Returns what it says and
+/// any bytes read past the header, which belong to the HTTP stream.
+pub async fn read_header(stream: &mut TcpStream) -> Result<(ProxyHeader, Vec<u8>), String> {
     let mut buffer = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
     loop {
@@ -63,7 +77,7 @@ pub async fn read_header(stream: &mut TcpStream) -> Result<(Option<SocketAddr>, 
             HeaderResult::V2(Err(err)) => return Err(format!("invalid PROXY v2 header: {err}")),
         };
         let rest = buffer.split_off(length);
-        return Ok((client, rest));
+        return Ok((client.map_or(ProxyHeader::Local, ProxyHeader::Client), rest));
     }
 }
 
@@ -72,7 +86,7 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    async fn through_socket(bytes: &'static [u8]) -> Result<(Option<SocketAddr>, Vec<u8>), String> {
+    async fn through_socket(bytes: &'static [u8]) -> Result<(ProxyHeader, Vec<u8>), String> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = tokio::spawn(async move {
@@ -91,7 +105,10 @@ mod tests {
             through_socket(b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 8080\r\nPOST / HTTP/1.1\r\n")
                 .await
                 .unwrap();
-        assert_eq!(client, Some("203.0.113.7:40000".parse().unwrap()));
+        assert_eq!(
+            client,
+            ProxyHeader::Client("203.0.113.7:40000".parse().unwrap())
+        );
         assert_eq!(rest, b"POST / HTTP/1.1\r\n");
     }
 
@@ -110,8 +127,29 @@ mod tests {
         let bytes: &'static [u8] =
             Box::leak([header.as_slice(), b"GET"].concat().into_boxed_slice());
         let (client, rest) = through_socket(bytes).await.unwrap();
-        assert_eq!(client, Some("[2001:db8::7]:40000".parse().unwrap()));
+        assert_eq!(
+            client,
+            ProxyHeader::Client("[2001:db8::7]:40000".parse().unwrap())
+        );
         assert_eq!(rest, b"GET");
+    }
+
+    #[tokio::test]
+    async fn unknown_and_local_name_no_client() {
+        let (header, rest) = through_socket(b"PROXY UNKNOWN\r\nGET").await.unwrap();
+        assert_eq!(header, ProxyHeader::Local);
+        assert_eq!(rest, b"GET");
+        let local = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Local,
+            ppp::v2::Protocol::Unspecified,
+            ppp::v2::Addresses::Unspecified,
+        )
+        .build()
+        .unwrap();
+        let bytes: &'static [u8] = Box::leak(local.into_boxed_slice());
+        let (header, rest) = through_socket(bytes).await.unwrap();
+        assert_eq!(header, ProxyHeader::Local);
+        assert!(rest.is_empty());
     }
 
     #[tokio::test]

@@ -202,16 +202,19 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         idle_timeout: config.ingest.idle_timeout.0,
         header_read_timeout: config.ingest.header_read_timeout.0,
         max_connections: config.ingest.max_connections,
+        max_connections_per_source: Some(config.ingest.max_connections_per_source.get()),
+        max_concurrent_streams: config.ingest.max_concurrent_streams.get(),
         drain_timeout: DRAIN_TIMEOUT,
-        proxy_protocol_from: config.ingest.proxy_protocol.then(|| {
-            let access = access.clone();
-            Arc::new(move |peer| access.get().is_trusted_proxy(peer))
-                as Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>
-        }),
+        access: Some(access.clone()),
+        proxy_protocol: config.ingest.proxy_protocol,
         tls: tls.clone(),
     };
+    // The admin listener has no allowlist (it is bound to a private address)
+    // and no per-source cap (scrapers and operators share a host).
     let admin_options = ServeOptions {
-        proxy_protocol_from: None,
+        max_connections_per_source: None,
+        access: None,
+        proxy_protocol: false,
         tls: None,
         ..ingest_options.clone()
     };
@@ -322,6 +325,8 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
                     old.ingest.header_read_timeout,
                     old.ingest.body_read_timeout,
                     old.ingest.max_connections,
+                    old.ingest.max_connections_per_source,
+                    old.ingest.max_concurrent_streams,
                     old.ingest.proxy_protocol,
                 ),
                 &(
@@ -331,6 +336,8 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
                     new.ingest.header_read_timeout,
                     new.ingest.body_read_timeout,
                     new.ingest.max_connections,
+                    new.ingest.max_connections_per_source,
+                    new.ingest.max_concurrent_streams,
                     new.ingest.proxy_protocol,
                 ),
             ),

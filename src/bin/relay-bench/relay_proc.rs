@@ -72,6 +72,8 @@ admin_listen: 127.0.0.1:0
 ingest:
   path: /sinch/postback
   allow: [127.0.0.1/32]
+  # every load connection comes from 127.0.0.1 (the default cap is 8)
+  max_connections_per_source: 256
 store:
 {store}
 delivery:
