@@ -394,6 +394,9 @@ async fn refresh_gauges(
             // The outcome is recorded in the ready flag by the store itself.
             let _ = store.probe().await;
         }
+        metrics
+            .journal_damaged_segments
+            .set(store.damaged_journal_segments() as i64);
         match store.stats().await {
             Ok(stats) => metrics.set_queue(&fleet.targets(), &stats),
             Err(err) => tracing::warn!(error = %err, "cannot read queue figures"),
