@@ -390,7 +390,11 @@ impl Intake {
                 break;
             }
             let (_, key, id) = state.moved_unsynced.pop_front().expect("a front exists");
-            if state.in_flight.get(&key).is_some_and(|entry| entry.id == id) {
+            if state
+                .in_flight
+                .get(&key)
+                .is_some_and(|entry| entry.id == id)
+            {
                 state.in_flight.remove(&key);
             }
         }
@@ -721,7 +725,8 @@ fn decode_all(bytes: &[u8]) -> Decoded {
     while at < bytes.len() {
         let end_mark = bytes[at..].iter().take(4).all(|byte| *byte == 0);
         if !end_mark {
-            if let Some((record, used)) = decode_one(&bytes[at..]).filter(|(r, _)| r.seq > last_seq) {
+            if let Some((record, used)) = decode_one(&bytes[at..]).filter(|(r, _)| r.seq > last_seq)
+            {
                 last_seq = record.seq;
                 decoded.records.push(record);
                 at += used;
@@ -906,7 +911,11 @@ mod tests {
     fn segment_of(count: u64) -> (Vec<u8>, Vec<usize>) {
         let (mut segment, mut starts, mut buffer) = (Vec::new(), Vec::new(), Vec::new());
         for seq in 1..=count {
-            encode(seq, &postback(&format!("p{seq}"), None, &["crm"]), &mut buffer);
+            encode(
+                seq,
+                &postback(&format!("p{seq}"), None, &["crm"]),
+                &mut buffer,
+            );
             starts.push(segment.len());
             segment.extend_from_slice(&buffer);
         }

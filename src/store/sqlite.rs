@@ -1812,7 +1812,9 @@ mod tests {
             retry.await
         );
         assert!(!original.is_finished());
-        release.send(Err(std::io::Error::from_raw_os_error(5))).unwrap();
+        release
+            .send(Err(std::io::Error::from_raw_os_error(5)))
+            .unwrap();
         let original = original.await.unwrap();
         let retry = retry.await.unwrap();
         assert!(original.is_err(), "{original:?}");
@@ -1840,10 +1842,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!retry.is_finished(), "answered before the original's sync");
         release.send(Ok(())).unwrap();
-        assert!(matches!(
-            original.await.unwrap(),
-            Ok(Acceptance::Accepted)
-        ));
+        assert!(matches!(original.await.unwrap(), Ok(Acceptance::Accepted)));
         match retry.await.unwrap() {
             Ok(Acceptance::Duplicate { original_id }) => assert_eq!(original_id, "first"),
             other => panic!("{other:?}"),
