@@ -380,8 +380,8 @@ fn log_target_changes(changes: &TargetChanges) {
     }
 }
 
-/// Keeps `relay_queue_pending` and `relay_dead_letters` close to the store's
-/// truth, follows pauses made by other instances, and probes a store that
+/// Keeps `relay_queue_pending`, `relay_dead_letters` and
+/// `relay_journal_damaged_segments` close to the store's truth, follows pauses made by other instances, and probes a store that
 /// failed so `/readyz` recovers without traffic.
 async fn refresh_gauges(
     store: Arc<dyn Store>,

@@ -145,9 +145,9 @@ struct Active {
     /// Dedupe keys journaled but not yet moved into SQLite, or moved before
     /// their record was synced: a retry must wait for that sync.
     in_flight: HashMap<String, InFlight>,
-    /// Keys moved into SQLite before their record was synced (sequence
-    /// number, key, envelope id), forgotten once the sync covers them.
-    moved_unsynced: VecDeque<(u64, String, String)>,
+    /// Keys moved into SQLite before their record was synced, with the
+    /// record's sequence number: forgotten once the sync covers them.
+    moved_unsynced: VecDeque<(u64, String)>,
     /// Reads SQLite's dedupe table for keys already moved.
     dedupe: Connection,
     /// Why the journal takes no more records (an fdatasync failed, leaving the
@@ -381,19 +381,19 @@ impl Intake {
             if self.is_synced(seq) {
                 state.in_flight.remove(&postback.dedupe_key);
             } else {
-                let (key, id) = (postback.dedupe_key.clone(), postback.id.clone());
-                state.moved_unsynced.push_back((seq, key, id));
+                let key = postback.dedupe_key.clone();
+                state.moved_unsynced.push_back((seq, key));
             }
         }
-        while let Some((seq, _, _)) = state.moved_unsynced.front() {
+        while let Some((seq, _)) = state.moved_unsynced.front() {
             if !self.is_synced(*seq) {
                 break;
             }
-            let (_, key, id) = state.moved_unsynced.pop_front().expect("a front exists");
+            let (seq, key) = state.moved_unsynced.pop_front().expect("a front exists");
             if state
                 .in_flight
                 .get(&key)
-                .is_some_and(|entry| entry.id == id)
+                .is_some_and(|entry| entry.seq == seq)
             {
                 state.in_flight.remove(&key);
             }
