@@ -2,8 +2,8 @@
 //! outcomes and configured target names, never a tracking id or a number.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::store::TargetStats;
@@ -42,6 +42,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// 1 while an operator has paused the target (it queues, delivers nothing).
     pub target_paused: IntGaugeVec,
+    /// Damaged intake journal segments kept aside (SQLite): above 0, some
+    /// acknowledged postbacks may be lost; an operator must look.
+    pub journal_damaged_segments: IntGauge,
     /// Target labels the queue gauges were last set for, so a target that
     /// left both the config and the store stops being reported.
     queue_labels: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -150,6 +153,11 @@ impl Metrics {
             &["target"],
         )
         .expect("valid metric");
+        let journal_damaged_segments = IntGauge::new(
+            "relay_journal_damaged_segments",
+            "Damaged intake journal segments kept aside for inspection (SQLite store).",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(postbacks_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ingest_duration.clone()),
@@ -163,6 +171,7 @@ impl Metrics {
             Box::new(build_info.clone()),
             Box::new(config_reloads.clone()),
             Box::new(target_paused.clone()),
+            Box::new(journal_damaged_segments.clone()),
         ] {
             registry
                 .register(collector)
@@ -188,6 +197,7 @@ impl Metrics {
             build_info,
             config_reloads,
             target_paused,
+            journal_damaged_segments,
             queue_labels: Default::default(),
         }
     }

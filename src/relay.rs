@@ -387,8 +387,8 @@ fn log_target_changes(changes: &TargetChanges) {
     }
 }
 
-/// Keeps `relay_queue_pending` and `relay_dead_letters` close to the store's
-/// truth, follows pauses made by other instances, and probes a store that
+/// Keeps `relay_queue_pending`, `relay_dead_letters` and
+/// `relay_journal_damaged_segments` close to the store's truth, follows pauses made by other instances, and probes a store that
 /// failed so `/readyz` recovers without traffic.
 async fn refresh_gauges(
     store: Arc<dyn Store>,
@@ -401,6 +401,9 @@ async fn refresh_gauges(
             // The outcome is recorded in the ready flag by the store itself.
             let _ = store.probe().await;
         }
+        metrics
+            .journal_damaged_segments
+            .set(store.damaged_journal_segments() as i64);
         match store.stats().await {
             Ok(stats) => metrics.set_queue(&fleet.targets(), &stats),
             Err(err) => tracing::warn!(error = %err, "cannot read queue figures"),

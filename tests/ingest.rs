@@ -1283,6 +1283,106 @@ async fn a_locked_store_keeps_accepting_into_the_journal_and_moves_in_afterwards
     relay.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_stalled_writer_holds_a_bounded_number_of_bytes_and_refuses_beyond_it_at_once() {
+    if skip_unless(
+        Backend::Sqlite,
+        "holds SQLite's write lock; the PostgreSQL queue has its own bound",
+    ) {
+        return;
+    }
+    bounded(
+        Duration::from_secs(120),
+        "byte-bounded writer queue",
+        async {
+            let relay = start_relay("").await;
+            let lock = rusqlite::Connection::open(relay.db_path()).expect("open db");
+            lock.execute_batch("BEGIN EXCLUSIVE")
+                .expect("take the write lock");
+
+            // Postbacks of ~0.8 MiB of body each wait in the writer's queue
+            // (64 MiB, bodies and envelopes). Sent one after the other, as Sinch
+            // does.
+            let big = |n: usize| {
+                let extras: String = (0..13)
+                    .map(|field| format!("<note-{field}>{}</note-{field}>", "k".repeat(60 * 1024)))
+                    .collect();
+                format!(
+                    "<postback><origin>MMS_MO</origin><code>N401</code><from>14085550000</from>\
+                 <to>28444</to><tracking-id>BIG-{n}</tracking-id>{extras}</postback>"
+                )
+            };
+            let mut accepted = Vec::new();
+            let mut refused = None;
+            for n in 0..200 {
+                let started = std::time::Instant::now();
+                let (status, headers, answer) =
+                    send("POST", &relay.url, Some("text/xml"), big(n)).await;
+                match status {
+                    200 => accepted.push(answer["id"].as_str().expect("id").to_owned()),
+                    503 => {
+                        refused = Some((n, headers, answer, started.elapsed()));
+                        break;
+                    }
+                    other => panic!("postback {n}: {other} {answer}"),
+                }
+            }
+            let (n, headers, answer, took) =
+                refused.expect("the queue never filled: it is unbounded");
+            eprintln!(
+                "refused postback {n} after {} accepted, in {took:?}",
+                accepted.len()
+            );
+            assert_eq!(
+                headers.get("retry-after").and_then(|v| v.to_str().ok()),
+                Some("30")
+            );
+            assert_error_body(&answer, "retry later");
+            // Refused at once: not after the 2 s wait for room by count.
+            assert!(took < Duration::from_secs(2), "{took:?}");
+
+            // Once SQLite can be written again, every acknowledged one is moved
+            // in, and the queue takes postbacks again.
+            lock.execute_batch("ROLLBACK").unwrap();
+            drop(lock);
+            relay
+                .eventually_int(
+                    Duration::from_secs(30),
+                    "SELECT COUNT(*) FROM events",
+                    accepted.len() as i64,
+                )
+                .await;
+            for id in &accepted {
+                assert_eq!(
+                    count(
+                        &relay,
+                        &format!("SELECT COUNT(*) FROM events WHERE id = '{id}'")
+                    ),
+                    1,
+                    "{id}"
+                );
+            }
+            // What waited was at most the bound, and the refused one would
+            // have passed it.
+            let held = count(
+                &relay,
+                "SELECT SUM(length(envelope) + length(raw_body)) FROM events",
+            );
+            let each = held / accepted.len() as i64;
+            let bound = 64 * 1024 * 1024;
+            assert!(held <= bound && held + each > bound, "{held} bytes held");
+            let (status, _, answer) = send("POST", &relay.url, Some("text/xml"), big(n)).await;
+            assert_eq!(
+                (status, &answer["status"]),
+                (200, &json!("accepted")),
+                "{answer}"
+            );
+            relay.shutdown().await;
+        },
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // 8. Keep-alive
 // ---------------------------------------------------------------------------

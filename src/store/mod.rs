@@ -405,6 +405,11 @@ pub trait Store: Send + Sync + 'static {
     async fn stats(&self) -> Result<Vec<TargetStats>, StoreError>;
     /// Whether the last write succeeded; drives `/readyz`.
     fn is_ready(&self) -> bool;
+    /// Damaged intake journal segments kept aside for an operator (SQLite
+    /// only): above 0, acknowledged postbacks may have been lost.
+    fn damaged_journal_segments(&self) -> u64 {
+        0
+    }
     /// Finishes queued writes and closes cleanly.
     async fn close(&self) -> Result<(), StoreError>;
 }

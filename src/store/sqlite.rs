@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::intake::{Intake, Journaled};
+use super::intake::{Appended, Intake, Journaled};
 use super::leases::Leases;
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
@@ -31,14 +31,20 @@ use super::{
 };
 use crate::config::SyncMode;
 
-/// How often expired dedupe keys are deleted, and how many per transaction.
+/// How often expired dedupe keys are deleted, and how many per transaction:
+/// a round deletes batch after batch until none is left, one per
+/// transaction, so the writer serves its queue between batches.
 const DEDUPE_PRUNE_EVERY: Duration = Duration::from_secs(60);
-const DEDUPE_PRUNE_LIMIT: i64 = 10_000;
+const DEDUPE_PRUNE_LIMIT: usize = 10_000;
 /// Commands taken into one transaction at most; bounds the latency of a batch.
 const MAX_BATCH: usize = 512;
-/// Commands waiting for the writer before callers wait for room. Moves
-/// carry their postback's bodies: this bounds their memory (~3 KiB each).
+/// Commands waiting for the writer before callers wait for room.
 const QUEUE_CAPACITY: usize = 4 * 1024;
+/// Bytes of postbacks (body and envelope) on their way from the journal into
+/// SQLite, queued or stalled, beyond which an accept is refused at once (a
+/// 503 with Retry-After): moves carry whole bodies, and with large ones the
+/// count above alone would let a stalled writer hold gigabytes.
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// How long an accept waits for room in the writer's queue before it gives
 /// up with a 503: a flood waits its turn, a locked database is reported.
 const QUEUE_WAIT: Duration = Duration::from_secs(2);
@@ -166,6 +172,8 @@ pub struct SqliteStore {
     min_free_bytes: u64,
     reader: Arc<Mutex<Connection>>,
     intake: Arc<Intake>,
+    /// Bytes of the moves not yet done (see [`QUEUE_BYTES`]).
+    queued_bytes: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -240,6 +248,8 @@ impl SqliteStore {
             dedupe_window_ms: options.dedupe_window.as_millis() as i64,
             ready: ready.clone(),
             last_prune: std::time::Instant::now(),
+            // Keys that expired while the relay was stopped go at once.
+            pruning: true,
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -255,6 +265,7 @@ impl SqliteStore {
             min_free_bytes: options.min_free_bytes,
             reader: Arc::new(Mutex::new(reader)),
             intake,
+            queued_bytes: Arc::default(),
             ready,
             writer: Mutex::new(Some(handle)),
         })
@@ -308,6 +319,7 @@ impl Store for SqliteStore {
         postback: NewPostback,
         on_commit: Option<OnCommit>,
     ) -> Result<Acceptance, StoreError> {
+        let queued = QueuedBytes::take(&self.queued_bytes, &postback)?;
         // Room for the move first: from the append to the send nothing
         // awaits, so a caller that goes away cannot strand a journaled
         // record outside the writer's reach. A writer that stays behind (a
@@ -319,12 +331,21 @@ impl Store for SqliteStore {
             })?
             .map_err(|_| StoreError::Closed)?;
         let seq = match self.intake.append(&postback)? {
-            Ok(seq) => seq,
-            Err(duplicate) => return Ok(duplicate),
+            Appended::New(seq) => seq,
+            Appended::Duplicate { original_id, seq } => {
+                drop((room, queued));
+                // The original is answered only once it is durable: so is
+                // its duplicate, and it fails as the original does.
+                if let Some(seq) = seq {
+                    self.intake.sync_through(seq).await?;
+                }
+                return Ok(Acceptance::Duplicate { original_id });
+            }
         };
         room.send(Command::Move(Box::new(Moving {
             journaled: Journaled { seq, postback },
             on_commit,
+            _queued: queued,
         })));
         self.intake.sync_through(seq).await?;
         Ok(Acceptance::Accepted)
@@ -572,6 +593,10 @@ impl Store for SqliteStore {
     /// The last commit succeeded, and the disk is not about to fill up: a
     /// full disk can still take small commits into WAL space SQLite had
     /// already allocated, which would make readiness flap.
+    fn damaged_journal_segments(&self) -> u64 {
+        self.intake.damaged_segments()
+    }
+
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
             && !self.commands.is_closed()
@@ -758,6 +783,8 @@ struct Writer {
     ready: Arc<AtomicBool>,
     /// When expired dedupe keys were last deleted.
     last_prune: std::time::Instant,
+    /// A pruning round is under way: the last batch was full.
+    pruning: bool,
     /// Where accepted postbacks wait to be moved in.
     intake: Arc<Intake>,
     /// How far the journal is moved into SQLite (committed).
@@ -775,6 +802,40 @@ struct Writer {
 struct Moving {
     journaled: Journaled,
     on_commit: Option<OnCommit>,
+    /// Its share of [`QUEUE_BYTES`], given back when the move is done.
+    _queued: QueuedBytes,
+}
+
+/// A postback's bytes counted against [`QUEUE_BYTES`] until dropped.
+struct QueuedBytes {
+    total: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl QueuedBytes {
+    /// Counts `postback` in, or refuses it when the queue holds too much
+    /// already (one postback alone is always let in).
+    fn take(total: &Arc<AtomicUsize>, postback: &NewPostback) -> Result<QueuedBytes, StoreError> {
+        let bytes = postback.raw_body.len() + postback.envelope.len();
+        let before = total.fetch_add(bytes, Ordering::AcqRel);
+        let queued = QueuedBytes {
+            total: total.clone(),
+            bytes,
+        };
+        if before > 0 && before + bytes > QUEUE_BYTES {
+            return Err(StoreError::Database(format!(
+                "the store's writer queue holds {} MiB of postbacks not yet moved into SQLite; retry later",
+                before / (1024 * 1024)
+            )));
+        }
+        Ok(queued)
+    }
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// The journal position up to which every record is in SQLite. Records
@@ -828,15 +889,21 @@ impl Writer {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             if self.stalled.is_empty() {
-                match receiver.blocking_recv() {
-                    Some(first) => {
-                        let gather = matches!(first, Command::Move(_));
-                        batch.push(first);
-                        if gather {
-                            std::thread::sleep(MOVE_GATHER);
-                        }
+                // During a pruning round the next batch is due at once.
+                let first = if self.pruning {
+                    receiver.try_recv().ok()
+                } else {
+                    match receiver.blocking_recv() {
+                        Some(first) => Some(first),
+                        None => return,
                     }
-                    None => return,
+                };
+                if let Some(first) = first {
+                    let gather = matches!(first, Command::Move(_));
+                    batch.push(first);
+                    if gather {
+                        std::thread::sleep(MOVE_GATHER);
+                    }
                 }
             } else {
                 std::thread::sleep(STALLED_RETRY);
@@ -862,7 +929,7 @@ impl Writer {
                 other => Some(other),
             });
             let commands: Vec<Command> = commands.collect();
-            if !commands.is_empty() {
+            if !commands.is_empty() || self.pruning {
                 self.apply_batch(commands);
             }
             self.intake.prepare_spare();
@@ -922,6 +989,8 @@ impl Writer {
             }
             Err(err) => {
                 self.ready.store(false, Ordering::Relaxed);
+                // Pruning resumes at its next turn, not in a loop of failures.
+                self.pruning = false;
                 tracing::error!(error = %err, "store commit failed; answering 503 until it recovers");
             }
         }
@@ -1020,11 +1089,15 @@ impl Writer {
                 return Err(db_error(err));
             }
         }
-        if self.last_prune.elapsed() >= DEDUPE_PRUNE_EVERY {
+        if self.pruning || self.last_prune.elapsed() >= DEDUPE_PRUNE_EVERY {
             self.last_prune = std::time::Instant::now();
-            if let Err(err) = prune_dedupe(&self.conn, now_ms() - self.dedupe_window_ms) {
-                tracing::warn!(error = %err, "could not prune expired dedupe keys");
-            }
+            self.pruning = match prune_dedupe(&self.conn, now_ms() - self.dedupe_window_ms) {
+                Ok(deleted) => deleted == DEDUPE_PRUNE_LIMIT,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not prune expired dedupe keys");
+                    false
+                }
+            };
         }
         if let Err(err) = run(&self.conn, "COMMIT") {
             let _ = run(&self.conn, "ROLLBACK");
@@ -1527,7 +1600,7 @@ fn prune_dedupe(conn: &Connection, before_ms: i64) -> rusqlite::Result<usize> {
     conn.prepare_cached(
         "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE accepted_at < ?1 LIMIT ?2)",
     )?
-    .execute(params![before_ms, DEDUPE_PRUNE_LIMIT])
+    .execute(params![before_ms, DEDUPE_PRUNE_LIMIT as i64])
 }
 
 #[cfg(test)]
@@ -1757,5 +1830,158 @@ mod tests {
         let (_intake, records, _) = open_intake();
         let ids: Vec<&str> = records.iter().map(|r| r.postback.id.as_str()).collect();
         assert_eq!(ids, ["event-1"], "the acknowledged record survives the cut");
+    }
+
+    fn options(dir: &Path, sync: SyncMode) -> SqliteOptions {
+        SqliteOptions {
+            path: dir.join("relay.db"),
+            sync,
+            busy_timeout: Duration::from_secs(1),
+            dedupe_window: Duration::from_secs(60),
+            min_free_bytes: 0,
+        }
+    }
+
+    fn new_postback(id: &str, key: &str) -> NewPostback {
+        NewPostback {
+            id: id.into(),
+            dedupe_key: key.into(),
+            received_at_ms: now_ms(),
+            envelope: Bytes::from_static(b"{}"),
+            raw_body: Bytes::from_static(b"<xml/>"),
+            content_type: None,
+            targets: Vec::new(),
+            leased_until_ms: None,
+        }
+    }
+
+    fn events(store: &SqliteStore) -> i64 {
+        store
+            .reader
+            .lock()
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM events", [], |row| row.get(0))
+            .unwrap()
+    }
+
+    /// The original's fdatasync is held until the test says how it ends.
+    fn gated_sync(store: &SqliteStore) -> std::sync::mpsc::Sender<std::io::Result<()>> {
+        let (release, gate) = std::sync::mpsc::channel();
+        store
+            .intake
+            .inject_sync_fault(move || gate.recv().unwrap_or(Ok(())));
+        release
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_duplicate_waits_for_the_originals_fdatasync_and_fails_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(options(dir.path(), SyncMode::Full)).unwrap());
+        let release = gated_sync(&store);
+        let original = tokio::spawn({
+            let store = store.clone();
+            async move { store.accept(new_postback("first", "key"), None).await }
+        });
+        // The writer moves the original into SQLite meanwhile: the retry
+        // must not be answered from there either.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while events(&store) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never moved");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let retry = tokio::spawn({
+            let store = store.clone();
+            async move { store.accept(new_postback("second", "key"), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !retry.is_finished(),
+            "the duplicate was answered before the original is on disk: {:?}",
+            retry.await
+        );
+        assert!(!original.is_finished());
+        release
+            .send(Err(std::io::Error::from_raw_os_error(5)))
+            .unwrap();
+        let original = original.await.unwrap();
+        let retry = retry.await.unwrap();
+        assert!(original.is_err(), "{original:?}");
+        assert!(retry.is_err(), "EIO on the original's sync: {retry:?}");
+        // The unsynced record is believed by nobody later either.
+        let later = store.accept(new_postback("third", "key"), None).await;
+        assert!(later.is_err(), "{later:?}");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_duplicate_of_a_synced_original_is_answered_once_the_sync_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(options(dir.path(), SyncMode::Full)).unwrap());
+        let release = gated_sync(&store);
+        let original = tokio::spawn({
+            let store = store.clone();
+            async move { store.accept(new_postback("first", "key"), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let retry = tokio::spawn({
+            let store = store.clone();
+            async move { store.accept(new_postback("second", "key"), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!retry.is_finished(), "answered before the original's sync");
+        release.send(Ok(())).unwrap();
+        assert!(matches!(original.await.unwrap(), Ok(Acceptance::Accepted)));
+        match retry.await.unwrap() {
+            Ok(Acceptance::Duplicate { original_id }) => assert_eq!(original_id, "first"),
+            other => panic!("{other:?}"),
+        }
+        drop(release); // later fdatasyncs run at once
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_pruning_round_deletes_every_expired_dedupe_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = options(dir.path(), SyncMode::Normal);
+        SqliteStore::open(options.clone())
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        let expired = 50_000;
+        {
+            let mut conn = Connection::open(&options.path).unwrap();
+            let tx = conn.transaction().unwrap();
+            let mut insert = tx
+                .prepare("INSERT INTO dedupe (key, event_id, accepted_at) VALUES (?1, ?1, ?2)")
+                .unwrap();
+            for n in 0..expired {
+                insert.execute(params![format!("old-{n}"), 1_000]).unwrap();
+            }
+            insert.execute(params!["fresh", now_ms()]).unwrap();
+            drop(insert);
+            tx.commit().unwrap();
+        }
+        let store = SqliteStore::open(options).unwrap();
+        let count = |sql: &str| -> i64 {
+            store
+                .reader
+                .lock()
+                .unwrap()
+                .query_row(sql, [], |row| row.get(0))
+                .unwrap()
+        };
+        // Well within DEDUPE_PRUNE_EVERY: one round, batch after batch.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while count("SELECT COUNT(*) FROM dedupe") > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} expired keys left",
+                count("SELECT COUNT(*) FROM dedupe") - 1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(count("SELECT COUNT(*) FROM dedupe WHERE key = 'fresh'"), 1);
+        store.close().await.unwrap();
     }
 }
