@@ -494,7 +494,11 @@ mod tests {
                     panic!("{:.40} parsed", body)
                 };
                 let message = err.to_string();
-                assert!(message.len() < 200, "{} bytes: {message:.300}", message.len());
+                assert!(
+                    message.len() < 200,
+                    "{} bytes: {message:.300}",
+                    message.len()
+                );
                 assert!(!message.contains('\u{1}'), "{message}");
             }
         }

@@ -49,9 +49,7 @@ pub(super) fn read_tree(text: &str) -> Result<Value, ParseError> {
     let mut reader = Reader::from_str(text);
     let mut stack: Vec<Open> = Vec::new();
     let mut root: Option<Value> = None;
-    let err = |reader: &Reader<&[u8]>, message: String| {
-        xml_error(reader, &message)
-    };
+    let err = |reader: &Reader<&[u8]>, message: String| xml_error(reader, &message);
     loop {
         let event = reader
             .read_event()
