@@ -108,6 +108,9 @@ pub struct Config {
     /// Where accepted postbacks and pending deliveries live.
     #[serde(default)]
     pub store: StoreConfig,
+    /// How much of the refused bodies is kept, and for how long.
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
     /// How the CloudEvents envelope is labelled.
     #[serde(default)]
     pub envelope: EnvelopeConfig,
@@ -333,6 +336,32 @@ impl Default for StoreConfig {
             password: None,
             pool_size: default_pool_size(),
             lease: None,
+        }
+    }
+}
+
+/// Bounds of the quarantine (bodies the parser refused): without them every
+/// distinct bad body is kept whole forever, and a sender of random bodies
+/// fills the disk until real postbacks get 503.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineConfig {
+    /// Bytes of refused bodies kept whole (a running total, both backends);
+    /// beyond it only their hash, size, error and first 1 KiB are kept, and
+    /// they cannot be replayed.
+    #[serde(default = "default_quarantine_max_bytes")]
+    pub max_bytes: u64,
+    /// Refused bodies not seen again for this long (by last arrival) are
+    /// deleted: long enough for an operator to notice and replay them.
+    #[serde(default = "default_quarantine_retention")]
+    pub retention: HumanDuration,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            max_bytes: default_quarantine_max_bytes(),
+            retention: default_quarantine_retention(),
         }
     }
 }
@@ -600,6 +629,12 @@ fn default_store_path() -> PathBuf {
 }
 fn default_min_free_bytes() -> u64 {
     64 * 1024 * 1024
+}
+fn default_quarantine_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_quarantine_retention() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30 * 24 * 3600))
 }
 fn default_busy_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(2))
@@ -939,6 +974,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "tls",
     "ingest",
     "store",
+    "quarantine",
     "envelope",
     "delivery",
     "targets",

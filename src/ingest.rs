@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::postback::{self, Postback};
 use crate::routing::{Decision, Router};
 use crate::store::{
-    now_ms, Acceptance, JobId, NewPostback, OnCommit, QuarantineEntry, Store, StoreError,
+    now_ms, Acceptance, JobId, Kept, NewPostback, OnCommit, QuarantineEntry, Store, StoreError,
 };
 
 /// Seconds Sinch is asked to wait after a 503 (it waits ~5 minutes anyway).
@@ -314,9 +314,14 @@ impl Ingest {
             error: message.clone(),
             received_at_ms,
         };
-        let hash = entry.body_hash.clone();
+        let (hash, size) = (entry.body_hash.clone(), entry.body.len());
         match self.store.quarantine(entry).await {
-            Ok(()) => {
+            Ok(kept) => {
+                if kept == Kept::Prefix {
+                    self.metrics.quarantine_truncated.inc();
+                    tracing::warn!(body_hash = %hash, size,
+                        "quarantine.max_bytes reached: only the first bytes of this refused body are kept");
+                }
                 tracing::warn!(body_hash = %hash, error = %message, outcome = "invalid", "postback quarantined");
                 (Outcome::Invalid, error(StatusCode::BAD_REQUEST, &message))
             }

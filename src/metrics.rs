@@ -2,11 +2,11 @@
 //! outcomes and configured target names, never a tracking id or a number.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::store::TargetStats;
+use crate::store::{QuarantineUsage, TargetStats};
 
 /// Every metric of the relay, cheap to clone (the handles are shared).
 #[derive(Clone)]
@@ -45,6 +45,14 @@ pub struct Metrics {
     /// Damaged intake journal segments kept aside (SQLite): above 0, some
     /// acknowledged postbacks may be lost; an operator must look.
     pub journal_damaged_segments: IntGauge,
+    /// Distinct refused bodies the quarantine holds (read from the store).
+    pub quarantine_bodies: IntGauge,
+    /// Bytes of the bodies it holds, whole ones and prefixes: what
+    /// `quarantine.max_bytes` bounds (read from the store).
+    pub quarantine_bytes: IntGauge,
+    /// New refused bodies kept only as a prefix (the budget was spent):
+    /// they cannot be replayed.
+    pub quarantine_truncated: IntCounter,
     /// Target labels the queue gauges were last set for, so a target that
     /// left both the config and the store stops being reported.
     queue_labels: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -158,6 +166,21 @@ impl Metrics {
             "Damaged intake journal segments kept aside for inspection (SQLite store).",
         )
         .expect("valid metric");
+        let quarantine_bodies = IntGauge::new(
+            "relay_quarantine_bodies",
+            "Distinct refused bodies kept in the quarantine.",
+        )
+        .expect("valid metric");
+        let quarantine_bytes = IntGauge::new(
+            "relay_quarantine_bytes",
+            "Bytes of the refused bodies kept in the quarantine (whole bodies and prefixes).",
+        )
+        .expect("valid metric");
+        let quarantine_truncated = IntCounter::new(
+            "relay_quarantine_truncated_total",
+            "Refused bodies kept only as a prefix because quarantine.max_bytes was reached.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(postbacks_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ingest_duration.clone()),
@@ -172,6 +195,9 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(target_paused.clone()),
             Box::new(journal_damaged_segments.clone()),
+            Box::new(quarantine_bodies.clone()),
+            Box::new(quarantine_bytes.clone()),
+            Box::new(quarantine_truncated.clone()),
         ] {
             registry
                 .register(collector)
@@ -198,6 +224,9 @@ impl Metrics {
             config_reloads,
             target_paused,
             journal_damaged_segments,
+            quarantine_bodies,
+            quarantine_bytes,
+            quarantine_truncated,
             queue_labels: Default::default(),
         }
     }
@@ -250,6 +279,14 @@ impl Metrics {
                 .with_label_values(&[&stat.target])
                 .set(age as f64 / 1000.0);
         }
+    }
+
+    /// Sets the quarantine gauges from the store's running total.
+    pub fn set_quarantine(&self, usage: QuarantineUsage) {
+        self.quarantine_bodies
+            .set(usage.bodies.min(i64::MAX as u64) as i64);
+        self.quarantine_bytes
+            .set(usage.bytes.min(i64::MAX as u64) as i64);
     }
 
     /// The Prometheus text exposition.

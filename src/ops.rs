@@ -869,6 +869,7 @@ fn quarantined_record(answer: &Value) -> String {
             "body_hash",
             "content_type",
             "size",
+            "truncated",
             "seen_count",
             "first_seen",
             "last_seen",
@@ -956,6 +957,7 @@ fn quarantine_table(answer: &Value) -> String {
         text("LAST SEEN"),
         number("SEEN"),
         number("SIZE"),
+        text("KEPT"),
         text("CONTENT TYPE"),
         text("ERROR"),
     ];
@@ -969,6 +971,12 @@ fn quarantine_table(answer: &Value) -> String {
                 moment(&b["last_seen"]),
                 cell(&b["seen_count"]),
                 cell(&b["size"]),
+                // Beyond `quarantine.max_bytes` only a prefix is kept.
+                if b["truncated"] == Value::Bool(true) {
+                    "prefix".to_owned()
+                } else {
+                    "whole".to_owned()
+                },
                 cell(&b["content_type"]),
                 clipped(&b["error"], ERROR_WIDTH),
             ]
@@ -990,10 +998,11 @@ fn quarantine_replayed(answer: &Value) -> String {
         .map(|r| vec![cell(&r["body_hash"]), cell(&r["outcome"]), replay_detail(r)])
         .collect();
     let summary = format!(
-        "accepted {}, duplicate {}, still invalid {}\n{}",
+        "accepted {}, duplicate {}, still invalid {}, truncated {}\n{}",
         cell(&answer["accepted"]),
         cell(&answer["duplicate"]),
         cell(&answer["still_invalid"]),
+        cell(&answer["truncated"]),
         not_found_line(answer)
     );
     if rows.is_empty() {

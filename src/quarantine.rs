@@ -2,7 +2,9 @@
 //! lost. Operators list them and, once the parser is fixed (or the sender's
 //! mistake understood), re-ingest them: a body that now parses is routed and
 //! committed exactly as if it had just arrived (with its first arrival as the
-//! receive time), then leaves the quarantine.
+//! receive time), then leaves the quarantine. Beyond `quarantine.max_bytes`
+//! only a body's prefix is kept: such a body is never replayed (a prefix is
+//! not what Sinch sent).
 
 use crate::ingest::prepare;
 use crate::postback;
@@ -29,6 +31,11 @@ pub enum Replayed {
         /// Today's parse error.
         error: String,
     },
+    /// Only its prefix was kept (the budget was spent): refused, it stays.
+    Truncated {
+        /// Why it cannot be replayed.
+        error: String,
+    },
 }
 
 /// Re-ingests one quarantined body: when it now parses, it is routed and
@@ -40,6 +47,16 @@ pub async fn replay_body(
     source: &str,
     body: &QuarantinedBody,
 ) -> Result<Replayed, StoreError> {
+    if body.truncated {
+        return Ok(Replayed::Truncated {
+            error: format!(
+                "only the first {} of its {} bytes were kept (quarantine.max_bytes was reached): \
+                 it cannot be replayed; ask the sender to send it again",
+                body.body.len(),
+                body.size
+            ),
+        });
+    }
     let parsed = match postback::parse(&body.body, body.content_type.as_deref()) {
         Err(err) => {
             return Ok(Replayed::StillInvalid {

@@ -408,6 +408,10 @@ async fn refresh_gauges(
             Ok(stats) => metrics.set_queue(&fleet.targets(), &stats),
             Err(err) => tracing::warn!(error = %err, "cannot read queue figures"),
         }
+        match store.quarantine_usage().await {
+            Ok(usage) => metrics.set_quarantine(usage),
+            Err(err) => tracing::warn!(error = %err, "cannot read the quarantine's size"),
+        }
         let epoch = fleet.pause_epoch();
         match store.paused_targets().await {
             Ok(paused) => fleet.sync_pauses(&paused, epoch),

@@ -344,6 +344,61 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
     .await;
 }
 
+/// Issue 13, item 9: beyond `quarantine.max_bytes` a body keeps only its
+/// prefix; the API says so, and a replay refuses it with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_quarantined_body_is_shown_as_such_and_not_replayed() {
+    bounded(Duration::from_secs(60), "truncated quarantine", async {
+        let relay = relay_with_api("quarantine: {max_bytes: 4096}\n").await;
+        let small = "not a postback, and short";
+        let large = format!("<postback><origin>{}", "x".repeat(10_000));
+        for body in [small.to_owned(), large.clone()] {
+            let (status, _) = post(&relay.url, Some("text/xml"), body).await;
+            assert_eq!(status, 400);
+        }
+        let large_hash = hex::encode(sha2::Sha256::digest(large.as_bytes()));
+        let small_hash = hex::encode(sha2::Sha256::digest(small.as_bytes()));
+        let list = api_get(&relay, "/api/v1/quarantine").await;
+        let item = |hash: &str| {
+            list["quarantine"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["body_hash"] == hash)
+                .cloned()
+                .unwrap_or_else(|| panic!("{hash} not in {list}"))
+        };
+        assert_eq!(item(&large_hash)["truncated"], true, "{list}");
+        assert_eq!(
+            item(&large_hash)["size"],
+            large.len(),
+            "the size as received"
+        );
+        assert_eq!(item(&small_hash)["truncated"], false, "{list}");
+        let shown = api_get(&relay, &format!("/api/v1/quarantine/{large_hash}")).await;
+        assert_eq!(shown["body"], &large[..1024], "the first 1 KiB is kept");
+
+        let report = api_post(
+            &relay,
+            "/api/v1/quarantine/replay",
+            json!({"hashes": [large_hash]}),
+        )
+        .await;
+        assert_eq!(report["truncated"], 1, "{report}");
+        assert_eq!(report["accepted"], 0, "{report}");
+        assert_eq!(report["results"][0]["outcome"], "truncated", "{report}");
+        let error = report["results"][0]["error"].as_str().unwrap();
+        assert!(
+            error.contains("quarantine.max_bytes") && error.contains("cannot be replayed"),
+            "{error}"
+        );
+        let still = api_get(&relay, &format!("/api/v1/quarantine/{large_hash}")).await;
+        assert_eq!(still["truncated"], true, "it stays in the quarantine");
+        relay.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantined_bodies_are_listed_shown_replayed_and_purged() {
     bounded(Duration::from_secs(60), "quarantine", async {

@@ -1137,6 +1137,182 @@ async fn malformed_bodies_are_400_with_the_problem_named() {
 // 6. Quarantine
 // ---------------------------------------------------------------------------
 
+/// Distinct bodies that are no postback (invalid UTF-8 from the first
+/// byte), `size` bytes each, from a small xorshift generator.
+fn random_bad_bodies(count: usize, size: usize) -> Vec<Vec<u8>> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..count)
+        .map(|_| {
+            let mut body = Vec::with_capacity(size);
+            body.push(0xff);
+            while body.len() < size {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                body.extend_from_slice(&state.to_le_bytes());
+            }
+            body.truncate(size);
+            body
+        })
+        .collect()
+}
+
+/// Issue 13, item 9: the quarantine holds whole bodies only up to
+/// `quarantine.max_bytes` (a running total); beyond it each new body keeps
+/// its row (hash, size, error, content type) and a 1 KiB prefix.
+#[tokio::test]
+async fn the_quarantine_keeps_whole_bodies_only_within_its_budget() {
+    const MIB: usize = 1024 * 1024;
+    let relay =
+        start_relay("ingest: {max_body_bytes: 2097152}\nquarantine: {max_bytes: 2097152}\n").await;
+    let bodies = random_bad_bodies(20, MIB);
+    for body in &bodies {
+        let (status, answer) = post(&relay.url, Some("text/xml"), body.clone()).await;
+        assert_eq!(status, 400, "{answer}");
+        assert_error_body(&answer, "not valid UTF-8");
+    }
+    let stored = count(
+        &relay,
+        "SELECT COALESCE(SUM(length(body)), 0) FROM quarantine",
+    );
+    assert!(
+        stored <= (2 * MIB + 20 * 1024) as i64,
+        "the quarantine grew by {stored} bytes with a 2 MiB budget"
+    );
+    for body in &bodies {
+        let rows = relay.query(&format!(
+            "SELECT size, length(body), truncated, error, content_type, seen_count FROM quarantine \
+             WHERE body_hash = '{}'",
+            hex::encode(Sha256::digest(body))
+        ));
+        assert_eq!(rows.len(), 1, "every refused body keeps its row");
+        let row = &rows[0];
+        assert_eq!(sql_int(&row[0]), MIB as i64, "the size as received");
+        assert!(
+            sql_text(&row[3]).contains("not valid UTF-8"),
+            "{:?}",
+            row[3]
+        );
+        assert_eq!(sql_text(&row[4]), "text/xml");
+        assert_eq!(sql_int(&row[5]), 1);
+        let kept = sql_int(&row[1]);
+        if sql_int(&row[2]) == 1 {
+            assert_eq!(kept, 1024, "a truncated body keeps its first 1 KiB");
+        } else {
+            assert_eq!(kept, MIB as i64, "a body within the budget is kept whole");
+        }
+    }
+    let whole: Vec<Vec<u8>> = relay
+        .query("SELECT body FROM quarantine WHERE NOT truncated")
+        .iter()
+        .map(|row| sql_bytes(&row[0]).to_vec())
+        .collect();
+    assert_eq!(whole.len(), 2, "two 1 MiB bodies fit in 2 MiB");
+    assert!(whole.iter().all(|body| bodies.contains(body)));
+    let truncated = relay
+        .query("SELECT body FROM quarantine WHERE truncated")
+        .iter()
+        .filter(|row| bodies.iter().any(|b| b[..1024] == *sql_bytes(&row[0])))
+        .count();
+    assert_eq!(truncated, 18, "the rest keep their prefix");
+    assert_eq!(
+        relay.metric("relay_quarantine_truncated_total").await,
+        Some(18.0)
+    );
+    eventually(WAIT, "the quarantine gauges", || async {
+        let bodies = relay.metric("relay_quarantine_bodies").await;
+        let bytes = relay.metric("relay_quarantine_bytes").await;
+        (bodies == Some(20.0) && bytes == Some(stored as f64)).then_some(())
+    })
+    .await;
+    relay.shutdown().await;
+}
+
+/// Issue 13, item 9: bodies not seen again for `quarantine.retention` are
+/// deleted by the store's janitor, and the gauges follow.
+#[tokio::test]
+async fn quarantined_bodies_past_their_retention_are_deleted() {
+    let relay = start_relay("quarantine: {retention: 2s}\n").await;
+    for body in ["<postback><origin>", "neither xml nor json"] {
+        let (status, answer) = post(&relay.url, None, body).await;
+        assert_eq!(status, 400, "{answer}");
+    }
+    assert_eq!(count(&relay, "SELECT COUNT(*) FROM quarantine"), 2);
+    relay
+        .eventually_int(WAIT, "SELECT COUNT(*) FROM quarantine", 0)
+        .await;
+    eventually(WAIT, "the gauges read an empty quarantine", || async {
+        let bodies = relay.metric("relay_quarantine_bodies").await;
+        let bytes = relay.metric("relay_quarantine_bytes").await;
+        (bodies == Some(0.0) && bytes == Some(0.0)).then_some(())
+    })
+    .await;
+    // A body arriving after the janitor ran is kept again.
+    let (status, _) = post(&relay.url, None, "<postback><origin>").await;
+    assert_eq!(status, 400);
+    assert_eq!(count(&relay, "SELECT COUNT(*) FROM quarantine"), 1);
+    relay.shutdown().await;
+}
+
+/// Issue 13, item 7: a 20 KB tag name (or JSON key) is not echoed: the 400
+/// body, the log line and the quarantine's `error` quote a short excerpt.
+#[tokio::test]
+async fn parse_errors_quote_only_a_short_excerpt_of_the_body() {
+    let store = TestStore::new();
+    let config = store.write_config("");
+    let relay = process::RelayProcess::spawn(&config).await;
+    let name = "t".repeat(20 * 1024);
+    let bodies = [
+        format!("<postback><{name}>1</{name}x></postback>"),
+        format!("<postback><origin>MMS_MO</origin><{name}>1</postback>"),
+        format!("{{\"origin\":\"MMS_MO\",\"code\":\"N401\",\"{name}\":1,}}"),
+        format!("{{\"origin\":\"MMS_MO\",\"{name}\":\"x\"}}"),
+    ];
+    let long = &name[..200];
+    for body in &bodies {
+        let (status, answer) = post(&relay.url, None, body.clone()).await;
+        assert_eq!(status, 400, "{answer:.300}");
+        let text = answer.to_string();
+        assert!(
+            text.len() < 1024,
+            "a {} byte 400 body: {text:.300}",
+            text.len()
+        );
+        assert!(
+            !text.contains(long),
+            "the 400 body echoes the name: {text:.300}"
+        );
+    }
+    let expected = bodies.len();
+    let lines = eventually(WAIT, "four quarantine log lines", || {
+        let lines: Vec<String> = relay
+            .lines()
+            .into_iter()
+            .filter(|line| line.contains("postback quarantined"))
+            .collect();
+        async move { (lines.len() == expected).then_some(lines) }
+    })
+    .await;
+    for line in &lines {
+        assert!(
+            line.len() < 1024,
+            "a {} byte log line: {line:.300}",
+            line.len()
+        );
+        assert!(
+            !line.contains(long),
+            "the log line echoes the name: {line:.300}"
+        );
+    }
+    let rows = store.query("SELECT error FROM quarantine");
+    assert_eq!(rows.len(), bodies.len());
+    for row in &rows {
+        let error = sql_text(&row[0]);
+        assert!(error.len() < 256 && !error.contains(long), "{error:.300}");
+    }
+    drop(relay);
+}
+
 #[tokio::test]
 async fn a_malformed_body_is_quarantined_once_and_counted() {
     let sink = Sink::start().await;

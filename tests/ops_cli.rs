@@ -422,7 +422,7 @@ async fn quarantined_bodies_are_listed_shown_replayed_and_purged() {
         let table = ops.ok(&["quarantine", "list"]).await;
         assert_eq!(
             header_words(&table),
-            ["HASH", "FIRST", "SEEN", "LAST", "SEEN", "SEEN", "SIZE", "CONTENT", "TYPE", "ERROR"],
+            ["HASH", "FIRST", "SEEN", "LAST", "SEEN", "SEEN", "SIZE", "KEPT", "CONTENT", "TYPE", "ERROR"],
             "{table}"
         );
         let fixable_row = row(&table, &fixable_hash);
@@ -442,7 +442,7 @@ async fn quarantined_bodies_are_listed_shown_replayed_and_purged() {
 
         let said = ops.ok(&["quarantine", "replay", &fixable_hash]).await;
         assert!(
-            said.starts_with("accepted 1, duplicate 0, still invalid 0\n"),
+            said.starts_with("accepted 1, duplicate 0, still invalid 0, truncated 0\n"),
             "{said}"
         );
         assert!(row(&said, &fixable_hash).contains("accepted"), "{said}");

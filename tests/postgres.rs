@@ -576,6 +576,7 @@ fn options(url: &str) -> PostgresOptions {
         pool_size: 4,
         lease: None,
         dedupe_window: Duration::from_secs(3600),
+        quarantine: Default::default(),
         background: true,
     }
 }

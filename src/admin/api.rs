@@ -591,7 +591,8 @@ fn quarantined_json(body: &QuarantinedBody) -> serde_json::Map<String, Value> {
         "body_hash": body.body_hash,
         "content_type": body.content_type,
         "error": body.error,
-        "size": body.body.len(),
+        "size": body.size,
+        "truncated": body.truncated,
         "first_seen": time(body.first_seen_ms),
         "last_seen": time(body.last_seen_ms),
         "seen_count": body.seen_count,
@@ -706,7 +707,7 @@ impl QuarantineChunks {
 async fn replay_quarantine(admin: &Admin, body: Value) -> Answer {
     let chosen = choose_quarantine(body)?;
     let router = admin.router.get();
-    let (mut accepted, mut duplicate, mut still_invalid) = (0u64, 0u64, 0u64);
+    let (mut accepted, mut duplicate, mut still_invalid, mut truncated) = (0u64, 0u64, 0u64, 0u64);
     let mut results = Vec::new();
     let mut chunks = QuarantineChunks::new(chosen);
     while let Some(bodies) = chunks.next(admin).await? {
@@ -733,6 +734,11 @@ async fn replay_quarantine(admin: &Admin, body: Value) -> Answer {
                     result["outcome"] = json!("still_invalid");
                     result["error"] = json!(error);
                 }
+                Replayed::Truncated { error } => {
+                    truncated += 1;
+                    result["outcome"] = json!("truncated");
+                    result["error"] = json!(error);
+                }
             }
             if results.len() < MAX_RESULTS {
                 results.push(result);
@@ -751,6 +757,7 @@ async fn replay_quarantine(admin: &Admin, body: Value) -> Answer {
         "accepted": accepted,
         "duplicate": duplicate,
         "still_invalid": still_invalid,
+        "truncated": truncated,
         "results": results,
         "not_found": chunks.missing,
     }))

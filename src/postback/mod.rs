@@ -30,33 +30,86 @@ impl Format {
     }
 }
 
-/// Why a body is not a postback; the message goes back to the sender verbatim.
+/// Why a body is not a postback. The message goes back to the sender (the
+/// 400 body), into the log line and into the quarantine's `error`: every
+/// part that can hold input (the body's start, a parser's message quoting a
+/// tag name) is an [`Excerpt`], so a hostile body cannot make any of them long.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
     /// Zero bytes, or only white space.
     #[error("empty body")]
     Empty,
     /// Neither `<` nor `{` starts the body.
-    #[error("body is neither XML nor JSON (it starts with {0:?})")]
-    UnknownFormat(String),
+    #[error("body is neither XML nor JSON (it starts with \"{0}\")")]
+    UnknownFormat(Excerpt),
     /// Postbacks are text; anything else is refused before parsing.
     #[error("body is not valid UTF-8 (invalid byte at offset {0})")]
     InvalidUtf8(usize),
     /// The XML reader gave up.
     #[error("invalid XML: {0}")]
-    Xml(String),
+    Xml(Excerpt),
     /// serde_json gave up.
     #[error("invalid JSON: {0}")]
-    Json(String),
-    /// Parsed, but the top level is not an object of fields.
+    Json(Excerpt),
+    /// Parsed, but the top level is not an object of fields (our own text, no input).
     #[error("{0}")]
     Shape(String),
     /// `origin` or `code` is absent or empty.
     #[error("missing required field `{0}`")]
     MissingField(&'static str),
-    /// Bigger or deeper than any real postback (see [`limits`]).
+    /// Bigger or deeper than any real postback (see [`limits`]; our own text, no input).
     #[error("{0}")]
     Limit(String),
+}
+
+/// A text that may quote the body, made safe to echo: at most
+/// [`Excerpt::MAX_CHARS`] characters, control and other non-printable
+/// characters escaped (`\n`, `\u{202e}`), and when cut, `…` and the text's
+/// whole length in bytes. Parse errors can only be built through it, so
+/// neither the 400 body nor the log line nor the quarantine's `error` can
+/// carry a 20 KB tag name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Excerpt(String);
+
+impl Excerpt {
+    /// Characters kept, counted after escaping.
+    pub const MAX_CHARS: usize = 96;
+
+    /// The excerpt of `text`.
+    pub fn new(text: &str) -> Excerpt {
+        let mut out = String::new();
+        let mut kept = 0;
+        for (at, ch) in text.char_indices() {
+            let escaped: String = if ch == ' ' || ch == '"' || ch == '\'' {
+                ch.to_string()
+            } else {
+                ch.escape_debug().collect()
+            };
+            let width = escaped.chars().count();
+            if kept + width > Excerpt::MAX_CHARS {
+                if at < text.len() {
+                    out.push_str(&format!("… ({} bytes)", text.len()));
+                }
+                return Excerpt(out);
+            }
+            kept += width;
+            out.push_str(&escaped);
+        }
+        Excerpt(out)
+    }
+}
+
+impl std::ops::Deref for Excerpt {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Excerpt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// Bounds no real postback comes near; they keep hostile bodies cheap.
@@ -175,18 +228,16 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<Postback, ParseE
             // The hint only helps to name the error: a body that starts with
             // neither `<` nor `{` is neither format.
             Some(ct) if ct.contains("json") => {
-                return Err(ParseError::Json(format!(
-                    "expected `{{` at the start, found {:?}",
-                    preview(trimmed)
-                )))
+                return Err(ParseError::Json(Excerpt::new(&format!(
+                    "expected `{{` at the start, found \"{trimmed}"
+                ))))
             }
             Some(ct) if ct.contains("xml") => {
-                return Err(ParseError::Xml(format!(
-                    "expected `<` at the start, found {:?}",
-                    preview(trimmed)
-                )))
+                return Err(ParseError::Xml(Excerpt::new(&format!(
+                    "expected `<` at the start, found \"{trimmed}"
+                ))))
             }
-            _ => return Err(ParseError::UnknownFormat(preview(trimmed))),
+            _ => return Err(ParseError::UnknownFormat(Excerpt::new(trimmed))),
         },
     };
     let tree = match format {
@@ -235,11 +286,6 @@ fn check_limits(tree: &Value) -> Result<(), ParseError> {
         }
     }
     Ok(())
-}
-
-/// The first few characters of a body, for error messages.
-fn preview(text: &str) -> String {
-    text.chars().take(16).collect()
 }
 
 /// The canonical name of a field: lowercase, `-` → `_`, known aliases folded
@@ -414,6 +460,48 @@ mod tests {
             Err(ParseError::Xml(_))
         ));
         assert!(matches!(parse(b"[1,2]", None), Err(ParseError::Shape(_))));
+    }
+
+    #[test]
+    fn an_excerpt_is_short_escaped_and_says_what_was_cut() {
+        assert_eq!(&*Excerpt::new("short \"text\""), "short \"text\"");
+        assert_eq!(
+            &*Excerpt::new("a\nb\u{1b}[31m\u{202e}c"),
+            "a\\nb\\u{1b}[31m\\u{202e}c"
+        );
+        let long = "x".repeat(20_000);
+        let cut = Excerpt::new(&long);
+        assert!(cut.starts_with(&"x".repeat(Excerpt::MAX_CHARS)));
+        assert!(cut.ends_with("… (20000 bytes)"), "{cut}");
+        assert!(cut.chars().count() < Excerpt::MAX_CHARS + 20);
+        let exact = "y".repeat(Excerpt::MAX_CHARS);
+        assert_eq!(&*Excerpt::new(&exact), exact.as_str());
+    }
+
+    #[test]
+    fn parse_errors_never_echo_more_than_an_excerpt() {
+        let name = "t".repeat(20 * 1024);
+        let bodies = [
+            format!("<postback><{name}>1</{name}x></postback>"),
+            format!("<postback><{name}>1</postback>"),
+            format!("<postback>&{name};</postback>"),
+            format!("{{\"origin\":\"MMS_MO\",\"{name}\":1,}}"),
+            format!("\u{1}{name}"),
+        ];
+        for body in &bodies {
+            for content_type in [None, Some("application/json"), Some("text/xml")] {
+                let Err(err) = parse(body.as_bytes(), content_type) else {
+                    panic!("{:.40} parsed", body)
+                };
+                let message = err.to_string();
+                assert!(
+                    message.len() < 200,
+                    "{} bytes: {message:.300}",
+                    message.len()
+                );
+                assert!(!message.contains('\u{1}'), "{message}");
+            }
+        }
     }
 
     #[test]

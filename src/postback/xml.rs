@@ -16,7 +16,7 @@ use quick_xml::Reader;
 use serde_json::{Map, Value};
 
 use super::limits::MAX_DEPTH;
-use super::ParseError;
+use super::{Excerpt, ParseError};
 
 /// One element being read: its name, its child elements, and its text.
 struct Open {
@@ -49,9 +49,7 @@ pub(super) fn read_tree(text: &str) -> Result<Value, ParseError> {
     let mut reader = Reader::from_str(text);
     let mut stack: Vec<Open> = Vec::new();
     let mut root: Option<Value> = None;
-    let err = |reader: &Reader<&[u8]>, message: String| {
-        ParseError::Xml(format!("{message} (at byte {})", reader.buffer_position()))
-    };
+    let err = |reader: &Reader<&[u8]>, message: String| xml_error(reader, &message);
     loop {
         let event = reader
             .read_event()
@@ -120,7 +118,7 @@ pub(super) fn read_tree(text: &str) -> Result<Value, ParseError> {
             format!("element <{}> is not closed", stack[stack.len() - 1].name),
         ));
     }
-    root.ok_or_else(|| ParseError::Xml("no root element".into()))
+    root.ok_or_else(|| ParseError::Xml(Excerpt::new("no root element")))
 }
 
 /// Attaches a finished element to its parent, or makes it the root.
@@ -152,11 +150,17 @@ fn append_text(stack: &mut [Open], text: &str, reader: &Reader<&[u8]>) -> Result
             Ok(())
         }
         None if text.trim().is_empty() => Ok(()),
-        None => Err(ParseError::Xml(format!(
-            "text outside the root element (at byte {})",
-            reader.buffer_position()
-        ))),
+        None => Err(xml_error(reader, "text outside the root element")),
     }
+}
+
+/// The error with its position first: quick-xml's message may quote a tag
+/// name of any length, and the excerpt cuts it, never the position.
+fn xml_error(reader: &Reader<&[u8]>, message: &str) -> ParseError {
+    ParseError::Xml(Excerpt::new(&format!(
+        "at byte {}: {message}",
+        reader.buffer_position()
+    )))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::config::{Config, StoreBackend};
+use crate::config::{Config, QuarantineConfig, StoreBackend};
 
 pub use postgres::{describe_url, PostgresOptions, PostgresStore, MIN_POOL_SIZE};
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -50,6 +50,7 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
             busy_timeout: store.busy_timeout.0,
             min_free_bytes: store.min_free_bytes,
             dedupe_window: config.ingest.dedupe_window.0,
+            quarantine: QuarantineLimits::from(&config.quarantine),
         })?),
         StoreBackend::Postgres => {
             let password = match &store.password {
@@ -67,6 +68,7 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
                     pool_size: store.pool_size,
                     lease: store.lease.map(|lease| lease.0),
                     dedupe_window: config.ingest.dedupe_window.0,
+                    quarantine: QuarantineLimits::from(&config.quarantine),
                     background: true,
                 })
                 .await?,
@@ -81,8 +83,52 @@ const DEAD_LETTER_COLUMNS: &str = "d.id, d.event_id, d.target, d.reason, d.attem
      d.last_status, d.last_error, d.dead_at, e.received_at";
 const DEAD_LETTER_FROM: &str = "FROM dead_letters d JOIN events e ON e.id = d.event_id";
 /// Columns of a quarantined body, in [`QuarantinedBody`]'s order.
-const QUARANTINE_SELECT: &str =
-    "SELECT body_hash, body, content_type, error, first_seen, last_seen, seen_count FROM quarantine";
+const QUARANTINE_SELECT: &str = "SELECT body_hash, body, content_type, error, first_seen, \
+     last_seen, seen_count, size, truncated FROM quarantine";
+/// Bytes kept of a refused body beyond the quarantine's budget: enough to
+/// see what it was (its start names the format and usually the sender).
+pub const QUARANTINE_PREFIX_BYTES: usize = 1024;
+/// Quarantined bodies deleted per statement by the retention janitor, so a
+/// large expiry never holds the writer (or PostgreSQL's locks) for long.
+const QUARANTINE_PRUNE_LIMIT: i64 = 1_000;
+
+/// How much of the refused bodies a store keeps, and for how long
+/// (`quarantine.*` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuarantineLimits {
+    /// Bytes of stored bodies beyond which a new body keeps only its prefix.
+    pub max_bytes: u64,
+    /// Bodies whose last arrival is older than this are deleted.
+    pub retention: Duration,
+}
+
+impl QuarantineLimits {
+    /// How often the janitor deletes expired bodies: every minute, or twice
+    /// per retention when that is shorter (never more than ten times a second).
+    pub fn prune_every(&self) -> Duration {
+        (self.retention / 2).clamp(Duration::from_millis(100), Duration::from_secs(60))
+    }
+
+    /// Bodies last seen before this (Unix ms) are expired.
+    fn expired_before_ms(&self) -> i64 {
+        now_ms().saturating_sub(self.retention.as_millis().min(i64::MAX as u128) as i64)
+    }
+}
+
+impl Default for QuarantineLimits {
+    fn default() -> Self {
+        QuarantineLimits::from(&QuarantineConfig::default())
+    }
+}
+
+impl From<&QuarantineConfig> for QuarantineLimits {
+    fn from(config: &QuarantineConfig) -> Self {
+        QuarantineLimits {
+            max_bytes: config.max_bytes,
+            retention: config.retention.0,
+        }
+    }
+}
 
 /// Label under which dead letters of unrouted postbacks are counted.
 pub const NO_ROUTE_TARGET: &str = "(no route)";
@@ -163,6 +209,32 @@ pub struct QuarantinedBody {
     pub last_seen_ms: i64,
     /// Arrivals (Sinch retries a 400 like any other failure).
     pub seen_count: u64,
+    /// Bytes of the body as received (`body` may hold only a prefix).
+    pub size: u64,
+    /// Only the first [`QUARANTINE_PREFIX_BYTES`] were kept (the budget,
+    /// `quarantine.max_bytes`, was spent): it cannot be replayed.
+    pub truncated: bool,
+}
+
+/// How [`Store::quarantine`] kept a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// A new body, kept whole.
+    Whole,
+    /// A new body beyond the budget: only its prefix, hash, size and error.
+    Prefix,
+    /// Seen before: its row counts one more arrival.
+    Again,
+}
+
+/// What the quarantine holds, for the gauges; a running total the store
+/// keeps as it writes, never a scan of the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuarantineUsage {
+    /// Rows (distinct bodies).
+    pub bodies: u64,
+    /// Bytes of their stored bodies (whole ones and prefixes).
+    pub bytes: u64,
 }
 
 /// Backend-assigned id of one delivery job (one postback × one target).
@@ -344,8 +416,11 @@ pub trait Store: Send + Sync + 'static {
         postback: NewPostback,
         on_commit: Option<OnCommit>,
     ) -> Result<Acceptance, StoreError>;
-    /// Keeps an unparseable body.
-    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError>;
+    /// Keeps an unparseable body: whole while the stored bodies stay
+    /// within `quarantine.max_bytes` (a running total, no scan), else its prefix.
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<Kept, StoreError>;
+    /// What the quarantine holds (the running total).
+    async fn quarantine_usage(&self) -> Result<QuarantineUsage, StoreError>;
     /// Quarantined bodies by first arrival (then hash); the page cursor is
     /// the previous page's last `(first_seen_ms, body_hash)`.
     async fn list_quarantine(

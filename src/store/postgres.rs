@@ -51,9 +51,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
-    NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody,
-    Store, StoreError, TargetQueue, TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM,
-    NO_ROUTE_TARGET, QUARANTINE_SELECT,
+    Kept, NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter,
+    QuarantineLimits, QuarantineUsage, QuarantinedBody, Store, StoreError, TargetQueue,
+    TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET, QUARANTINE_PREFIX_BYTES,
+    QUARANTINE_PRUNE_LIMIT, QUARANTINE_SELECT,
 };
 
 /// Connecting to the server, and waiting for a free pooled connection.
@@ -143,6 +144,37 @@ CREATE TABLE target_pauses (
     paused_at BIGINT NOT NULL
 );
 "#,
+    // The quarantine's budget and retention: the size as received (the body
+    // may be only its prefix), a running total of what it holds kept by a
+    // trigger (so the budget check never scans the table), and an index for
+    // the retention janitor.
+    r#"
+ALTER TABLE quarantine ADD COLUMN size BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE quarantine ADD COLUMN truncated BOOLEAN NOT NULL DEFAULT false;
+UPDATE quarantine SET size = length(body);
+CREATE INDEX quarantine_age ON quarantine (last_seen);
+CREATE TABLE quarantine_usage (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    bodies BIGINT NOT NULL,
+    bytes  BIGINT NOT NULL
+);
+INSERT INTO quarantine_usage (id, bodies, bytes)
+    SELECT 1, COUNT(*), COALESCE(SUM(length(body)), 0) FROM quarantine;
+CREATE FUNCTION quarantine_usage_track() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE quarantine_usage SET bodies = bodies + 1, bytes = bytes + length(NEW.body) WHERE id = 1;
+    ELSIF TG_OP = 'DELETE' THEN
+        UPDATE quarantine_usage SET bodies = bodies - 1, bytes = bytes - length(OLD.body) WHERE id = 1;
+    ELSE
+        UPDATE quarantine_usage SET bytes = bytes + length(NEW.body) - length(OLD.body) WHERE id = 1;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER quarantine_usage_track AFTER INSERT OR DELETE OR UPDATE OF body ON quarantine
+    FOR EACH ROW EXECUTE FUNCTION quarantine_usage_track();
+"#,
 ];
 
 /// Commits a batch of postbacks: dedupe keys (sorted), then the events whose
@@ -219,12 +251,24 @@ const DELETE_JOBS_SQL: &str = "DELETE FROM jobs WHERE id = ANY($1::bigint[])";
 const FORGET_EVENTS_SQL: &str = "DELETE FROM events e WHERE e.id = ANY($1::text[]) \
      AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id) \
      AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.id)";
+/// Keeps a refused body whole while the running total leaves room for it,
+/// else its prefix ($6 the budget, $7 the prefix). The total's row is locked
+/// first, so instances sharing the database cannot both take the last room.
 const QUARANTINE_SQL: &str = r#"
-INSERT INTO quarantine (body_hash, body, content_type, error, first_seen, last_seen, seen_count)
-VALUES ($1, $2, $3, $4, $5, $5, 1)
+WITH usage AS (SELECT bytes FROM quarantine_usage WHERE id = 1 FOR UPDATE)
+INSERT INTO quarantine (body_hash, body, size, truncated, content_type, error,
+    first_seen, last_seen, seen_count)
+SELECT $1, CASE WHEN u.bytes + length($2::bytea) <= $6 THEN $2::bytea
+                ELSE substring($2::bytea FROM 1 FOR $7::integer) END,
+    length($2::bytea), u.bytes + length($2::bytea) > $6, $3, $4, $5, $5, 1
+FROM usage u
 ON CONFLICT (body_hash) DO UPDATE SET last_seen = EXCLUDED.last_seen,
     seen_count = quarantine.seen_count + 1, error = EXCLUDED.error
+RETURNING seen_count, truncated
 "#;
+/// Deletes quarantined bodies last seen before $1, at most $2 of them.
+const PRUNE_QUARANTINE_SQL: &str = "DELETE FROM quarantine WHERE body_hash IN \
+     (SELECT body_hash FROM quarantine WHERE last_seen < $1 LIMIT $2)";
 const PROBE_SQL: &str = "INSERT INTO heartbeat (id, at) VALUES ($1, $2) \
      ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at";
 const STATS_SQL: &str = r#"
@@ -291,6 +335,8 @@ pub struct PostgresOptions {
     pub lease: Option<Duration>,
     /// A postback seen again within this window is a duplicate.
     pub dedupe_window: Duration,
+    /// The quarantine's budget and retention.
+    pub quarantine: QuarantineLimits,
     /// Start the accept writers and the janitor (the daemon); a command-line
     /// tool beside running relays needs neither.
     pub background: bool,
@@ -363,6 +409,8 @@ struct Shared {
     lease: Option<Duration>,
     /// `ingest.dedupe_window`, in milliseconds.
     dedupe_window_ms: i64,
+    /// `quarantine.*`.
+    quarantine: QuarantineLimits,
     /// This instance's row in `heartbeat`.
     instance: String,
     /// The server does not flush commits by default (`synchronous_commit =
@@ -428,6 +476,7 @@ impl PostgresStore {
             ready: AtomicBool::new(true),
             lease: options.lease,
             dedupe_window_ms: options.dedupe_window.as_millis() as i64,
+            quarantine: options.quarantine,
             instance: instance_name(),
             force_flush: AtomicBool::new(false),
         });
@@ -458,6 +507,9 @@ impl PostgresStore {
         }
         if options.background {
             tasks.push(tokio::spawn(shared.clone().run_janitor(closing.clone())));
+            tasks.push(tokio::spawn(
+                shared.clone().run_quarantine_janitor(closing.clone()),
+            ));
         }
         Ok(PostgresStore {
             shared,
@@ -489,17 +541,19 @@ impl Store for PostgresStore {
         Ok(acceptance)
     }
 
-    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError> {
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<Kept, StoreError> {
         let shared = &self.shared;
+        let max_bytes = shared.quarantine.max_bytes.min(i64::MAX as u64) as i64;
+        let prefix = QUARANTINE_PREFIX_BYTES as i32;
         shared
             .with_client(true, async |client: &Object| {
                 let statement = client.prepare_cached(QUARANTINE_SQL).await?;
                 let content_type = entry.content_type.as_deref().map(clean);
                 let error = clean(&entry.error);
-                in_transaction(
+                let row = in_transaction(
                     client,
                     shared.durable_begin(),
-                    client.execute(
+                    client.query_one(
                         &statement,
                         &[
                             &entry.body_hash,
@@ -507,11 +561,34 @@ impl Store for PostgresStore {
                             &content_type,
                             &error,
                             &entry.received_at_ms,
+                            &max_bytes,
+                            &prefix,
                         ],
                     ),
                 )
-                .await
-                .map(drop)
+                .await?;
+                Ok(match (row.get::<_, i64>(0), row.get::<_, bool>(1)) {
+                    (1, false) => Kept::Whole,
+                    (1, true) => Kept::Prefix,
+                    _ => Kept::Again,
+                })
+            })
+            .await
+    }
+
+    async fn quarantine_usage(&self) -> Result<QuarantineUsage, StoreError> {
+        self.shared
+            .with_client(false, async |client: &Object| {
+                let row = client
+                    .query_one(
+                        "SELECT bodies, bytes FROM quarantine_usage WHERE id = 1",
+                        &[],
+                    )
+                    .await?;
+                Ok(QuarantineUsage {
+                    bodies: row.get::<_, i64>(0).max(0) as u64,
+                    bytes: row.get::<_, i64>(1).max(0) as u64,
+                })
             })
             .await
     }
@@ -1194,6 +1271,46 @@ impl Shared {
         outcome
     }
 
+    /// Deletes quarantined bodies past `quarantine.retention` every
+    /// [`QuarantineLimits::prune_every`], in bounded statements.
+    async fn run_quarantine_janitor(self: Arc<Self>, closing: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.quarantine.prune_every()) => {},
+                () = closing.cancelled() => return,
+            }
+            let before = self.quarantine.expired_before_ms();
+            let mut total = 0;
+            loop {
+                let result = self
+                    .with_client(false, async |client: &Object| {
+                        client
+                            .execute(PRUNE_QUARANTINE_SQL, &[&before, &QUARANTINE_PRUNE_LIMIT])
+                            .await
+                    })
+                    .await;
+                match result {
+                    Ok(pruned) => {
+                        total += pruned;
+                        if pruned < QUARANTINE_PRUNE_LIMIT as u64 || closing.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not delete expired quarantined bodies");
+                        break;
+                    }
+                }
+            }
+            if total > 0 {
+                tracing::info!(
+                    deleted = total,
+                    "quarantined bodies past quarantine.retention deleted"
+                );
+            }
+        }
+    }
+
     /// Deletes expired dedupe keys and old heartbeats now and then.
     async fn run_janitor(self: Arc<Self>, closing: CancellationToken) {
         loop {
@@ -1319,6 +1436,8 @@ fn quarantined_body(row: &tokio_postgres::Row) -> QuarantinedBody {
         first_seen_ms: row.get(4),
         last_seen_ms: row.get(5),
         seen_count: row.get::<_, i64>(6).max(0) as u64,
+        size: row.get::<_, i64>(7).max(0) as u64,
+        truncated: row.get(8),
     }
 }
 

@@ -25,9 +25,10 @@ use super::intake::{Appended, Intake, Journaled};
 use super::leases::Leases;
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
-    NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter, QuarantinedBody,
-    Store, StoreError, TargetQueue, TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM,
-    NO_ROUTE_TARGET, QUARANTINE_SELECT,
+    Kept, NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter,
+    QuarantineLimits, QuarantineUsage, QuarantinedBody, Store, StoreError, TargetQueue,
+    TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET, QUARANTINE_PREFIX_BYTES,
+    QUARANTINE_PRUNE_LIMIT, QUARANTINE_SELECT,
 };
 use crate::config::SyncMode;
 
@@ -147,6 +148,32 @@ CREATE TABLE intake_moved (
 );
 INSERT INTO intake_moved (id, seq) VALUES (1, 0);
 "#,
+    // The quarantine's budget and retention: the size as received (the body
+    // may be only its prefix), a running total of what it holds kept by
+    // triggers (so the budget check never scans the table), and an index
+    // for the retention janitor.
+    r#"
+ALTER TABLE quarantine ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quarantine ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0;
+UPDATE quarantine SET size = length(body);
+CREATE INDEX quarantine_age ON quarantine (last_seen);
+CREATE TABLE quarantine_usage (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    bodies INTEGER NOT NULL,
+    bytes  INTEGER NOT NULL
+);
+INSERT INTO quarantine_usage (id, bodies, bytes)
+    SELECT 1, COUNT(*), COALESCE(SUM(length(body)), 0) FROM quarantine;
+CREATE TRIGGER quarantine_added AFTER INSERT ON quarantine BEGIN
+    UPDATE quarantine_usage SET bodies = bodies + 1, bytes = bytes + length(NEW.body) WHERE id = 1;
+END;
+CREATE TRIGGER quarantine_removed AFTER DELETE ON quarantine BEGIN
+    UPDATE quarantine_usage SET bodies = bodies - 1, bytes = bytes - length(OLD.body) WHERE id = 1;
+END;
+CREATE TRIGGER quarantine_body_changed AFTER UPDATE OF body ON quarantine BEGIN
+    UPDATE quarantine_usage SET bytes = bytes + length(NEW.body) - length(OLD.body) WHERE id = 1;
+END;
+"#,
 ];
 
 /// Options the SQLite store is opened with.
@@ -162,6 +189,8 @@ pub struct SqliteOptions {
     pub dedupe_window: Duration,
     /// Below this much free space on the store's filesystem, `is_ready` is false.
     pub min_free_bytes: u64,
+    /// The quarantine's budget and retention.
+    pub quarantine: QuarantineLimits,
 }
 
 /// The SQLite implementation of [`Store`].
@@ -170,6 +199,7 @@ pub struct SqliteStore {
     /// The database's directory, whose filesystem readiness watches.
     directory: PathBuf,
     min_free_bytes: u64,
+    quarantine: QuarantineLimits,
     reader: Arc<Mutex<Connection>>,
     intake: Arc<Intake>,
     /// Bytes of the moves not yet done (see [`QUEUE_BYTES`]).
@@ -184,7 +214,8 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Command {
     /// An acknowledged postback on its way from the journal into SQLite.
     Move(Box<Moving>),
-    Quarantine(QuarantineEntry, Reply<()>),
+    /// A refused body, and the budget beyond which only its prefix is kept.
+    Quarantine(QuarantineEntry, u64, Reply<Kept>),
     /// An operator's write (admin API, tools): rare, so one generic shape.
     Maintenance(Box<dyn Maintenance>),
     Claim {
@@ -215,6 +246,7 @@ impl SqliteStore {
             .map_err(db_error)?;
         let reader = open_connection(&options.path, &options)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        start_quarantine_janitor(commands.downgrade(), options.quarantine)?;
         let ready = Arc::new(AtomicBool::new(true));
         // Checkpoints run on their own thread (see `Checkpointer`), never in
         // the middle of a commit that someone is waiting for.
@@ -263,6 +295,7 @@ impl SqliteStore {
             commands,
             directory,
             min_free_bytes: options.min_free_bytes,
+            quarantine: options.quarantine,
             reader: Arc::new(Mutex::new(reader)),
             intake,
             queued_bytes: Arc::default(),
@@ -351,8 +384,23 @@ impl Store for SqliteStore {
         Ok(Acceptance::Accepted)
     }
 
-    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError> {
-        self.call(|reply| Command::Quarantine(entry, reply)).await
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<Kept, StoreError> {
+        let max_bytes = self.quarantine.max_bytes;
+        self.call(|reply| Command::Quarantine(entry, max_bytes, reply))
+            .await
+    }
+
+    async fn quarantine_usage(&self) -> Result<QuarantineUsage, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT bodies, bytes FROM quarantine_usage WHERE id = 1")?
+                .query_row([], |row| {
+                    Ok(QuarantineUsage {
+                        bodies: row.get::<_, i64>(0)?.max(0) as u64,
+                        bytes: row.get::<_, i64>(1)?.max(0) as u64,
+                    })
+                })
+        })
+        .await
     }
 
     async fn list_quarantine(
@@ -724,6 +772,8 @@ fn quarantined_body(row: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantinedBody
         first_seen_ms: row.get(4)?,
         last_seen_ms: row.get(5)?,
         seen_count: row.get::<_, i64>(6)?.max(0) as u64,
+        size: row.get::<_, i64>(7)?.max(0) as u64,
+        truncated: row.get(8)?,
     })
 }
 
@@ -1129,8 +1179,8 @@ impl Writer {
     fn apply_one(&mut self, command: Command) -> Box<dyn Pending> {
         let (conn, leases) = (&self.conn, &mut self.leases);
         match command {
-            Command::Quarantine(entry, reply) => {
-                Box::new((reply, isolated(conn, |c| quarantine(c, &entry))))
+            Command::Quarantine(entry, max_bytes, reply) => {
+                Box::new((reply, isolated(conn, |c| quarantine(c, &entry, max_bytes))))
             }
             Command::Maintenance(work) => work.apply(conn),
             Command::Claim {
@@ -1333,7 +1383,7 @@ fn fail(command: Command, error: &StoreError) {
     let err = Err(error.clone());
     match command {
         Command::Move(_) => unreachable!("a failed move is kept, not answered"),
-        Command::Quarantine(_, reply) => drop(reply.send(err)),
+        Command::Quarantine(_, _, reply) => drop(reply.send(Err(error.clone()))),
         Command::Claim { reply, .. } => drop(reply.send(err.map(|()| Vec::new()))),
         Command::Maintenance(work) => work.fail(error),
         Command::Complete(_, reply) | Command::Probe(reply) | Command::Close(reply) => {
@@ -1426,21 +1476,103 @@ fn recover_intake(
     Ok((intake, written))
 }
 
-fn quarantine(conn: &Connection, entry: &QuarantineEntry) -> rusqlite::Result<()> {
+/// Keeps a refused body whole while the running total (`quarantine_usage`,
+/// kept by triggers) leaves room for it, else its prefix.
+fn quarantine(
+    conn: &Connection,
+    entry: &QuarantineEntry,
+    max_bytes: u64,
+) -> rusqlite::Result<Kept> {
     conn.prepare_cached(
-        "INSERT INTO quarantine (body_hash, body, content_type, error, first_seen, last_seen, seen_count)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, 1)
+        "INSERT INTO quarantine (body_hash, body, size, truncated, content_type, error,
+             first_seen, last_seen, seen_count)
+         SELECT ?1, CASE WHEN u.bytes + length(?2) <= ?6 THEN ?2 ELSE substr(?2, 1, ?7) END,
+             length(?2), u.bytes + length(?2) > ?6, ?3, ?4, ?5, ?5, 1
+         FROM quarantine_usage u WHERE u.id = 1
          ON CONFLICT (body_hash) DO UPDATE SET last_seen = excluded.last_seen,
-             seen_count = seen_count + 1, error = excluded.error",
+             seen_count = seen_count + 1, error = excluded.error
+         RETURNING seen_count, truncated",
     )?
-    .execute(params![
-        entry.body_hash,
-        &entry.body[..],
-        entry.content_type,
-        entry.error,
-        entry.received_at_ms
-    ])?;
-    Ok(())
+    .query_row(
+        params![
+            entry.body_hash,
+            &entry.body[..],
+            entry.content_type,
+            entry.error,
+            entry.received_at_ms,
+            max_bytes.min(i64::MAX as u64) as i64,
+            QUARANTINE_PREFIX_BYTES as i64,
+        ],
+        |row| {
+            Ok(match (row.get::<_, i64>(0)?, row.get::<_, bool>(1)?) {
+                (1, false) => Kept::Whole,
+                (1, true) => Kept::Prefix,
+                _ => Kept::Again,
+            })
+        },
+    )
+}
+
+/// Deletes quarantined bodies last seen before `before_ms`, a bounded number
+/// at a time; returns how many.
+fn prune_quarantine(conn: &Connection, before_ms: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM quarantine WHERE body_hash IN
+             (SELECT body_hash FROM quarantine WHERE last_seen < ?1 LIMIT ?2)",
+    )?
+    .execute(params![before_ms, QUARANTINE_PRUNE_LIMIT])
+}
+
+/// The quarantine's retention janitor: a thread that, every
+/// [`QuarantineLimits::prune_every`], has the writer delete expired bodies
+/// (in bounded transactions). It holds the writer's queue weakly: it ends
+/// with the store.
+fn start_quarantine_janitor(
+    commands: mpsc::WeakSender<Command>,
+    limits: QuarantineLimits,
+) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("quarantine-janitor".into())
+        .spawn(move || loop {
+            std::thread::sleep(limits.prune_every());
+            let before = limits.expired_before_ms();
+            let mut pruned = 0;
+            loop {
+                let Some(sender) = commands.upgrade() else {
+                    return;
+                };
+                let (reply, answer) = oneshot::channel();
+                let work = move |conn: &Connection| prune_quarantine(conn, before);
+                if sender
+                    .blocking_send(Command::Maintenance(Box::new(Work { work, reply })))
+                    .is_err()
+                {
+                    return;
+                }
+                drop(sender);
+                match answer.blocking_recv() {
+                    Ok(Ok(deleted)) => {
+                        pruned += deleted;
+                        if deleted < QUARANTINE_PRUNE_LIMIT as usize {
+                            break;
+                        }
+                    }
+                    Ok(Err(err)) => {
+                        tracing::warn!(error = %err, "could not delete expired quarantined bodies");
+                        break;
+                    }
+                    Err(_) => return,
+                }
+            }
+            if pruned > 0 {
+                tracing::info!(
+                    deleted = pruned,
+                    "quarantined bodies past quarantine.retention deleted"
+                );
+            }
+        })
+        .map(drop)
+        .map_err(|err| StoreError::Database(format!("cannot start the quarantine janitor: {err}")))
 }
 
 /// A target's due jobs, oldest first: the `jobs_due` index range yields them
@@ -1634,6 +1766,7 @@ mod tests {
             busy_timeout: Duration::from_secs(1),
             dedupe_window: Duration::from_secs(60),
             min_free_bytes: 0,
+            quarantine: QuarantineLimits::default(),
         };
         let mut conn = open_connection(&options.path, &options).unwrap();
         migrate(&mut conn).unwrap();
