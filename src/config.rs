@@ -4,6 +4,12 @@
 //! Every struct here is the reference for the README's config table: each field's
 //! doc comment says why the knob exists. Unknown keys are rejected so that a typo
 //! never silently falls back to a default.
+//!
+//! Loading reports every problem of a file at once: unknown keys and values of
+//! the wrong type are collected by dropping each one and deserializing again
+//! (serde stops at the first), then the values are checked one section at a
+//! time (`validate_*`), each problem with its key path (`routes[0].targets`),
+//! the value found and what was expected.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
