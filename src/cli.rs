@@ -90,6 +90,7 @@ pub enum LogFormat {
 /// Runs the parsed command line and returns the process exit code: 0 on
 /// success, 2 for a bad config or bad arguments, 1 for anything else.
 pub fn main(cli: Cli) -> ExitCode {
+    restrict_new_files();
     let _flush_logs_at_exit = init_logging(cli.log_format);
     for name in crate::config::unrecognized_env_overrides() {
         tracing::warn!(variable = %name, "ignoring environment variable: RELAY_ prefix but no such config key");
@@ -131,6 +132,14 @@ pub fn main(cli: Cli) -> ExitCode {
         eprintln!("postback-relay: {err:#}");
         ExitCode::FAILURE
     })
+}
+
+/// Files this process creates (the store, its journal, a file target's
+/// lines: phone numbers and message texts) are readable by its user only:
+/// 0600 for files and 0700 for directories, whatever umask it was started
+/// with. Set first, before anything is opened.
+fn restrict_new_files() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
 /// Loads the config and runs `work` with it; an invalid config prints its

@@ -4,6 +4,12 @@
 //! Every struct here is the reference for the README's config table: each field's
 //! doc comment says why the knob exists. Unknown keys are rejected so that a typo
 //! never silently falls back to a default.
+//!
+//! Loading reports every problem of a file at once: unknown keys and values of
+//! the wrong type are collected by dropping each one and deserializing again
+//! (serde stops at the first), then the values are checked one section at a
+//! time (`validate_*`), each problem with its key path (`routes[0].targets`),
+//! the value found and what was expected.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -11,7 +17,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Yaml};
+use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::value::{Dict, Value};
 use figment::Figment;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
@@ -277,6 +284,59 @@ impl SecretSource {
     }
 }
 
+/// A target header's value: written in the file (`X-Team: mms`), or, for a
+/// secret one, read from a file or the environment like the other secrets
+/// (`X-Api-Key: {env: INBOX_KEY}`).
+#[derive(Debug, Clone)]
+pub enum HeaderSource {
+    /// The value as written.
+    Plain(String),
+    /// The value kept out of the file.
+    Secret(SecretSource),
+}
+
+impl HeaderSource {
+    /// The value to send; the error says what is missing or invalid.
+    pub fn value(&self) -> Result<String, String> {
+        let value = match self {
+            HeaderSource::Plain(value) => value.clone(),
+            HeaderSource::Secret(source) => source.resolve()?,
+        };
+        hyper::header::HeaderValue::from_str(&value)
+            .map(|_| value)
+            .map_err(|_| "expected a header value (visible ASCII, no line breaks)".to_owned())
+    }
+}
+
+impl<'de> Deserialize<'de> for HeaderSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = HeaderSource;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a header value, or `{file: PATH}` / `{env: NAME}`")
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<HeaderSource, E> {
+                Ok(HeaderSource::Plain(value.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<HeaderSource, E> {
+                Ok(HeaderSource::Plain(value.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<HeaderSource, E> {
+                Ok(HeaderSource::Plain(value.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<HeaderSource, A::Error> {
+                SecretSource::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(HeaderSource::Secret)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 /// TLS on the public listener, for deployments without a TLS-terminating proxy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -440,9 +500,11 @@ pub struct DeliveryConfig {
     /// Deliveries in flight at once to one target.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// Attempts before a delivery becomes a dead letter.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
+    /// Attempts before a delivery becomes a dead letter. Unset (the
+    /// default), only `max_age` ends the retries: a count would dead-letter
+    /// long before `max_age` during an outage (README "Retry schedule").
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
     /// Age after which a delivery becomes a dead letter, however few attempts it had.
     #[serde(default = "default_max_age")]
     pub max_age: HumanDuration,
@@ -456,7 +518,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             timeout: default_delivery_timeout(),
             concurrency: default_concurrency(),
-            max_attempts: default_max_attempts(),
+            max_attempts: None,
             max_age: default_max_age(),
             backoff: BackoffConfig::default(),
         }
@@ -535,9 +597,10 @@ pub struct TargetConfig {
     pub url: Option<String>,
     /// For `file`: the file that receives JSON lines.
     pub path: Option<PathBuf>,
-    /// For `http`: extra request headers (an API key, a routing header).
+    /// For `http`: extra request headers (an API key, a routing header);
+    /// a secret one can come from a file or the environment.
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, HeaderSource>,
     /// `envelope` (default) or `raw`.
     #[serde(default)]
     pub payload: PayloadKind,
@@ -566,7 +629,8 @@ pub struct RouteConfig {
     /// What the postback must look like; an empty match matches everything.
     #[serde(default, rename = "match")]
     pub matcher: MatchConfig,
-    /// Targets that receive a matching postback (fan-out).
+    /// Targets that receive a matching postback (fan-out); at least one.
+    #[serde(default)]
     pub targets: Vec<String>,
     /// Keep evaluating later routes after this one matched.
     #[serde(default, rename = "continue")]
@@ -651,9 +715,6 @@ fn default_delivery_timeout() -> HumanDuration {
 fn default_concurrency() -> usize {
     16
 }
-fn default_max_attempts() -> u32 {
-    15
-}
 fn default_max_age() -> HumanDuration {
     HumanDuration(Duration::from_secs(24 * 3600))
 }
@@ -667,31 +728,81 @@ fn default_backoff_multiplier() -> f64 {
     2.0
 }
 
-/// A configuration that cannot be used, with the key and the file to blame.
+/// One thing wrong with a config file: the key it concerns, written one way
+/// (`routes[0].targets`, `targets.inbox.timeout`), and what was found and expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Path of the offending key.
+    pub key: String,
+    /// The value found and what was expected instead.
+    pub message: String,
+}
+
+/// A configuration that cannot be used, with the keys and the file to blame.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file is missing, is not YAML, or a value has the wrong type or an unknown key.
+    /// The file is missing or is not YAML at all.
     #[error("invalid config {file}: {message}")]
     Load {
         /// The config file given on the command line.
         file: String,
-        /// figment's message, which names the key path.
+        /// What stopped the file from being read.
         message: String,
     },
-    /// The values parse but do not make sense together.
-    #[error("invalid config {file}: key `{key}`: {message}")]
+    /// Keys that are unknown, of the wrong type, or that mean nothing: every
+    /// one found in the file, so that one run shows them all.
+    #[error("{}", render_problems(file, problems))]
     Invalid {
         /// The config file given on the command line.
         file: String,
-        /// Dotted path of the offending key.
-        key: String,
-        /// What is wrong and how to fix it.
-        message: String,
+        /// Every problem found, in the order of the file's sections.
+        problems: Vec<Problem>,
     },
 }
 
+/// One line per problem, each naming the file and the key.
+fn render_problems(file: &str, problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("invalid config {file}: {}: {}", p.key, p.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The problems of one file, collected rather than returned at the first.
+#[derive(Debug, Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// A duration that must be above zero.
+    fn positive(&mut self, key: impl Into<String>, value: HumanDuration) {
+        if value.0.is_zero() {
+            self.add(key, "found `0s`, expected a duration above 0 (like `10s`)");
+        }
+    }
+
+    /// A count that must be at least 1.
+    fn at_least_one(&mut self, key: impl Into<String>, value: u64) {
+        if value == 0 {
+            self.add(key, "found `0`, expected at least 1");
+        }
+    }
+}
+
+/// How often a file is repaired (the offending key dropped) and deserialized
+/// again to find the next structural problem: far more than a real file has.
+const MAX_STRUCTURE_ROUNDS: usize = 64;
+
 impl Config {
-    /// Loads `file` with `RELAY_*` environment overrides, then validates it.
+    /// Loads `file` with `RELAY_*` environment overrides, then validates it;
+    /// the error lists every problem found, not only the first.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let shown = file.display().to_string();
         if !file.is_file() {
@@ -700,179 +811,162 @@ impl Config {
                 message: "file not found".to_owned(),
             });
         }
-        let config: Config = Figment::new()
-            .merge(Yaml::file_exact(file))
-            .merge(
-                Env::prefixed(ENV_PREFIX)
-                    .filter(|key| is_config_key(key.as_str()))
-                    .split("__"),
-            )
-            .extract()
-            .map_err(|err| ConfigError::Load {
-                file: shown.clone(),
-                message: describe_figment_error(err),
-            })?;
-        config
-            .validate()
-            .map_err(|(key, message)| ConfigError::Invalid {
-                file: shown,
-                key,
-                message,
-            })?;
-        Ok(config)
+        let figment = Figment::new().merge(Yaml::file_exact(file)).merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| is_config_key(key.as_str()))
+                .split("__"),
+        );
+        let tree: Dict = figment.extract().map_err(|err| ConfigError::Load {
+            file: shown.clone(),
+            message: describe_figment_error(err),
+        })?;
+        let (config, mut problems) = extract_collecting(tree);
+        if let Some(config) = config {
+            let mut semantic = Problems::default();
+            config.validate(&mut semantic);
+            // A key already refused for its type was dropped to look further;
+            // what its absence then "means" is not news.
+            semantic.0.retain(|p| {
+                !problems
+                    .iter()
+                    .any(|seen| p.key == seen.key || p.key.starts_with(&format!("{}.", seen.key)))
+            });
+            problems.extend(semantic.0);
+            if problems.is_empty() {
+                return Ok(config);
+            }
+        }
+        // A value from a `RELAY_*` variable is not in the file: say so.
+        for problem in &mut problems {
+            let dotted = problem.key.replace('[', ".").replace(']', "");
+            if figment
+                .find_metadata(&dotted)
+                .is_some_and(|m| m.name.contains("environment"))
+            {
+                problem
+                    .message
+                    .push_str(" (set by a RELAY_ environment variable)");
+            }
+        }
+        Err(ConfigError::Invalid {
+            file: shown,
+            problems,
+        })
     }
 
-    /// Cross-field checks that serde cannot express; returns (key, message).
-    fn validate(&self) -> Result<(), (String, String)> {
-        let fail = |key: String, message: String| Err((key, message));
-        if !self.ingest.path.starts_with('/') {
-            return fail("ingest.path".into(), "must start with `/`".into());
-        }
-        if self.ingest.max_body_bytes == 0 {
-            return fail("ingest.max_body_bytes".into(), "must be above 0".into());
-        }
-        if self.ingest.max_connections == 0 {
-            return fail("ingest.max_connections".into(), "must be at least 1".into());
-        }
-        if self.ingest.proxy_protocol && self.ingest.trusted_proxies.is_empty() {
-            return fail(
-                "ingest.proxy_protocol".into(),
-                "needs `ingest.trusted_proxies`: a PROXY header is only believed from them".into(),
-            );
-        }
-        self.admin
-            .token()
-            .map_err(|message| ("admin.token_file".to_owned(), message))?;
-        if let Some(auth) = &self.ingest.basic_auth {
-            if auth.username.is_empty() || auth.username.contains(':') {
-                return fail(
-                    "ingest.basic_auth.username".into(),
-                    "must be non-empty and without `:`".into(),
-                );
-            }
-            auth.password
-                .resolve()
-                .map_err(|message| ("ingest.basic_auth.password".to_owned(), message))?;
-        }
-        if let Some(token) = &self.ingest.path_token {
-            let token = token
-                .resolve()
-                .map_err(|message| ("ingest.path_token".to_owned(), message))?;
-            if token.contains('/') || token.len() < 16 {
-                return fail(
-                    "ingest.path_token".into(),
-                    "must be at least 16 characters, without `/`".into(),
-                );
-            }
+    /// Every check serde cannot express, one function per section.
+    fn validate(&self, problems: &mut Problems) {
+        self.validate_ingest(problems);
+        if let Err(message) = self.admin.token() {
+            problems.add("admin.token_file", message);
         }
         if let Some(tls) = &self.tls {
-            crate::tls::load_server_config(&tls.cert, &tls.key)
-                .map_err(|message| ("tls".to_owned(), message))?;
+            if let Err(message) = crate::tls::load_server_config(&tls.cert, &tls.key) {
+                problems.add("tls", message);
+            }
         }
-        self.validate_store()?;
-        if self.delivery.concurrency == 0 {
-            return fail("delivery.concurrency".into(), "must be at least 1".into());
+        self.validate_store(problems);
+        self.validate_delivery(problems);
+        for (name, target) in &self.targets {
+            target.validate(&format!("targets.{name}"), &self.delivery, problems);
         }
-        if self.delivery.max_attempts == 0 {
-            return fail("delivery.max_attempts".into(), "must be at least 1".into());
-        }
-        if self.delivery.backoff.multiplier < 1.0 {
-            return fail(
-                "delivery.backoff.multiplier".into(),
-                "must be at least 1.0".into(),
+        self.validate_routes(problems);
+    }
+
+    fn validate_ingest(&self, problems: &mut Problems) {
+        let ingest = &self.ingest;
+        if !ingest.path.starts_with('/') {
+            problems.add(
+                "ingest.path",
+                format!("found `{}`, expected a path starting with `/`", ingest.path),
             );
         }
-        for (name, target) in &self.targets {
-            target
-                .validate()
-                .or_else(|(field, message)| fail(format!("targets.{name}.{field}"), message))?;
+        problems.at_least_one("ingest.max_body_bytes", ingest.max_body_bytes as u64);
+        problems.at_least_one("ingest.max_connections", ingest.max_connections as u64);
+        problems.positive("ingest.idle_timeout", ingest.idle_timeout);
+        problems.positive("ingest.header_read_timeout", ingest.header_read_timeout);
+        problems.positive("ingest.body_read_timeout", ingest.body_read_timeout);
+        if ingest.proxy_protocol && ingest.trusted_proxies.is_empty() {
+            problems.add(
+                "ingest.proxy_protocol",
+                "found `true` without `ingest.trusted_proxies`: a PROXY header is only believed from them",
+            );
         }
-        let mut route_names = BTreeSet::new();
-        for (index, route) in self.routes.iter().enumerate() {
-            let name = route_name(index, route);
-            if !route_names.insert(name.clone()) {
-                return fail(
-                    format!("routes[{index}].name"),
-                    format!("route name `{name}` is used twice"),
+        if let Some(auth) = &ingest.basic_auth {
+            if auth.username.is_empty() || auth.username.contains(':') {
+                problems.add(
+                    "ingest.basic_auth.username",
+                    format!(
+                        "found `{}`, expected a non-empty name without `:`",
+                        auth.username
+                    ),
                 );
             }
-            if route.targets.is_empty() {
-                return fail(
-                    format!("routes[{index}].targets"),
-                    "a route needs at least one target".into(),
-                );
-            }
-            for target in &route.targets {
-                if !self.targets.contains_key(target) {
-                    let known: Vec<&str> = self.targets.keys().map(String::as_str).collect();
-                    return fail(
-                        format!("routes[{index}].targets"),
-                        format!(
-                            "unknown target `{target}` (defined targets: {})",
-                            if known.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    );
-                }
+            if let Err(message) = auth.password.resolve() {
+                problems.add("ingest.basic_auth.password", message);
             }
         }
-        Ok(())
+        if let Some(token) = &ingest.path_token {
+            match token.resolve() {
+                Ok(token) if token.contains('/') || token.len() < 16 => problems.add(
+                    "ingest.path_token",
+                    "expected a secret of at least 16 characters, without `/`",
+                ),
+                Ok(_) => {}
+                Err(message) => problems.add("ingest.path_token", message),
+            }
+        }
     }
-}
 
-impl Config {
     /// The store section: a PostgreSQL store needs a usable URL; a URL with
     /// the SQLite backend is most likely a forgotten `backend: postgres`
     /// (several instances, each with its own file, would not share anything).
-    fn validate_store(&self) -> Result<(), (String, String)> {
+    fn validate_store(&self, problems: &mut Problems) {
         let store = &self.store;
         match store.backend {
             StoreBackend::Sqlite => {
                 if store.url.is_some() {
-                    return Err((
-                        "store.url".into(),
-                        "is set but `store.backend` is `sqlite`; add `backend: postgres` to use PostgreSQL"
-                            .into(),
-                    ));
+                    problems.add(
+                        "store.url",
+                        "is set but `store.backend` is `sqlite`; add `backend: postgres` to use PostgreSQL",
+                    );
                 }
             }
             StoreBackend::Postgres => {
-                let Some(url) = &store.url else {
-                    return Err((
-                        "store.url".into(),
+                match &store.url {
+                    None => problems.add(
+                        "store.url",
                         "`backend: postgres` needs a connection URL like \
-                         `postgres://relay@db.internal:5432/relay`"
-                            .into(),
-                    ));
-                };
-                // The parser's message, never the URL: it may hold a password.
-                let parsed = url.parse::<tokio_postgres::Config>().map_err(|err| {
-                    (
-                        "store.url".to_owned(),
-                        format!("not a PostgreSQL URL: {err}"),
-                    )
-                })?;
-                if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-                    return Err((
-                        "store.url".into(),
-                        "sslmode=require: TLS to PostgreSQL is not supported yet; keep the \
-                         database on a private network (sslmode=disable or prefer)"
-                            .into(),
-                    ));
+                         `postgres://relay@db.internal:5432/relay`",
+                    ),
+                    // The parser's message, never the URL: it may hold a password.
+                    Some(url) => match url.parse::<tokio_postgres::Config>() {
+                        Err(err) => problems.add("store.url", format!("not a PostgreSQL URL: {err}")),
+                        Ok(parsed)
+                            if parsed.get_ssl_mode()
+                                == tokio_postgres::config::SslMode::Require =>
+                        {
+                            problems.add(
+                                "store.url",
+                                "sslmode=require: TLS to PostgreSQL is not supported yet; keep the \
+                                 database on a private network (sslmode=disable or prefer)",
+                            )
+                        }
+                        Ok(_) => {}
+                    },
                 }
-                if let Some(password) = &store.password {
-                    password
-                        .resolve()
-                        .map_err(|message| ("store.password".to_owned(), message))?;
+                if let Some(Err(message)) = store.password.as_ref().map(SecretSource::resolve) {
+                    problems.add("store.password", message);
                 }
                 if store.pool_size < crate::store::MIN_POOL_SIZE {
-                    return Err((
-                        "store.pool_size".into(),
-                        format!("must be at least {}", crate::store::MIN_POOL_SIZE),
-                    ));
+                    problems.add(
+                        "store.pool_size",
+                        format!(
+                            "found `{}`, expected at least {}",
+                            store.pool_size,
+                            crate::store::MIN_POOL_SIZE
+                        ),
+                    );
                 }
                 if let Some(lease) = store.lease {
                     // A lease that ends while its attempt may still run would
@@ -884,82 +978,305 @@ impl Config {
                         .max()
                         .unwrap_or(self.delivery.timeout.0);
                     if lease.0 <= longest {
-                        return Err((
-                            "store.lease".into(),
+                        problems.add(
+                            "store.lease",
                             format!(
-                                "must be longer than the longest delivery timeout ({})",
+                                "found `{}`, expected longer than the longest delivery timeout ({})",
+                                humantime::format_duration(lease.0),
                                 humantime::format_duration(longest)
                             ),
-                        ));
+                        );
                     }
                 }
             }
         }
-        Ok(())
     }
-}
 
-impl TargetConfig {
-    fn validate(&self) -> Result<(), (String, String)> {
-        let fail = |key: &str, message: String| Err((key.to_owned(), message));
-        match self.kind {
-            TargetKind::Http => {
-                let Some(url) = &self.url else {
-                    return fail("url", "an http target needs a `url`".into());
-                };
-                match url.parse::<hyper::Uri>() {
-                    Ok(uri)
-                        if matches!(uri.scheme_str(), Some("http") | Some("https"))
-                            && uri.host().is_some() => {}
-                    Ok(_) => {
-                        return fail(
-                            "url",
-                            format!("`{url}` is not an absolute http:// or https:// URL"),
-                        )
-                    }
-                    Err(err) => return fail("url", format!("`{url}` is not a URL: {err}")),
-                }
-                if self.path.is_some() {
-                    return fail("path", "`path` belongs to file targets".into());
-                }
-                for (header, value) in &self.headers {
-                    if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                        return fail("headers", format!("`{header}` is not a header name"));
-                    }
-                    if hyper::header::HeaderValue::from_str(value).is_err() {
-                        return fail("headers", format!("value of `{header}` is not valid"));
-                    }
-                }
-                if let Some(secret) = &self.secret {
-                    crate::delivery::signing::SigningKey::parse(secret)
-                        .map_err(|message| ("secret".to_owned(), message))?;
-                }
+    /// The delivery defaults: every target inherits them.
+    fn validate_delivery(&self, problems: &mut Problems) {
+        let delivery = &self.delivery;
+        problems.positive("delivery.timeout", delivery.timeout);
+        problems.at_least_one("delivery.concurrency", delivery.concurrency as u64);
+        if let Some(attempts) = delivery.max_attempts {
+            problems.at_least_one("delivery.max_attempts", attempts.into());
+        }
+        problems.positive("delivery.max_age", delivery.max_age);
+        validate_backoff(
+            "delivery.backoff",
+            &delivery.backoff,
+            &BackoffOverride::default(),
+            problems,
+        );
+    }
+
+    fn validate_routes(&self, problems: &mut Problems) {
+        let mut route_names = BTreeSet::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            let name = route_name(index, route);
+            if !route_names.insert(name.clone()) {
+                problems.add(
+                    format!("routes[{index}].name"),
+                    format!("found `{name}` a second time, expected a name used once"),
+                );
             }
-            TargetKind::File => {
-                if self.path.is_none() {
-                    return fail("path", "a file target needs a `path`".into());
-                }
-                if self.url.is_some() {
-                    return fail("url", "`url` belongs to http targets".into());
-                }
-                if self.payload == PayloadKind::Raw {
-                    return fail(
-                        "payload",
-                        "file targets write envelopes (JSON lines) only".into(),
+            if route.targets.is_empty() {
+                problems.add(
+                    format!("routes[{index}].targets"),
+                    "found no target, expected at least one",
+                );
+            }
+            for target in &route.targets {
+                if !self.targets.contains_key(target) {
+                    let known: Vec<&str> = self.targets.keys().map(String::as_str).collect();
+                    problems.add(
+                        format!("routes[{index}].targets"),
+                        format!(
+                            "found unknown target `{target}`, expected one of the defined targets ({}){}",
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            },
+                            suggestion(target, &known)
+                        ),
                     );
                 }
             }
         }
-        if self.concurrency == Some(0) {
-            return fail("concurrency", "must be at least 1".into());
+    }
+}
+
+/// The backoff in force at `key` (the delivery defaults with a target's
+/// overrides): a first delay above the cap, a zero first delay (retries in
+/// a hot loop) or a bound that shrinks mean nothing. A problem is reported
+/// at the key that causes it: the override when there is one.
+fn validate_backoff(
+    key: &str,
+    defaults: &BackoffConfig,
+    overrides: &BackoffOverride,
+    problems: &mut Problems,
+) {
+    let initial = overrides.initial.unwrap_or(defaults.initial);
+    let max = overrides.max.unwrap_or(defaults.max);
+    let multiplier = overrides.multiplier.unwrap_or(defaults.multiplier);
+    let is_default = key == "delivery.backoff";
+    if is_default || overrides.initial.is_some() {
+        problems.positive(format!("{key}.initial"), initial);
+    }
+    if (is_default || overrides.initial.is_some() || overrides.max.is_some()) && initial.0 > max.0 {
+        let culprit = if overrides.max.is_some() && overrides.initial.is_none() {
+            "max"
+        } else {
+            "initial"
+        };
+        problems.add(
+            format!("{key}.{culprit}"),
+            format!(
+                "found initial `{}` above max `{}`, expected initial <= max",
+                humantime::format_duration(initial.0),
+                humantime::format_duration(max.0)
+            ),
+        );
+    }
+    if (is_default || overrides.multiplier.is_some()) && !(1.0..=1e6).contains(&multiplier) {
+        problems.add(
+            format!("{key}.multiplier"),
+            format!("found `{multiplier}`, expected a number from 1 (constant delays) up"),
+        );
+    }
+}
+
+/// ` (did you mean `x`?)` when one of `known` is close to `found`, else nothing.
+fn suggestion(found: &str, known: &[&str]) -> String {
+    closest(found, known)
+        .map(|best| format!(": did you mean `{best}`?"))
+        .unwrap_or_default()
+}
+
+/// The known name most like `found`, when one is close enough to be a typo.
+fn closest<'k>(found: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|candidate| (strsim::jaro_winkler(found, candidate), *candidate))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, best)| best)
+}
+
+/// Deserializes the merged tree; on an unknown key or a value of the wrong
+/// type it records the problem, drops that key and tries again, so that one
+/// run reports every structural problem (serde stops at the first).
+fn extract_collecting(mut tree: Dict) -> (Option<Config>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    for _ in 0..MAX_STRUCTURE_ROUNDS {
+        let errors = match Figment::from(Serialized::defaults(&tree)).extract::<Config>() {
+            Ok(config) => return (Some(config), problems),
+            Err(errors) => errors,
+        };
+        let mut repaired = false;
+        for error in errors {
+            problems.push(describe_structural(&tree, &error));
+            repaired |= remove_key(&mut tree, &error.path);
         }
-        if self.max_attempts == Some(0) {
-            return fail("max_attempts", "must be at least 1".into());
+        if !repaired {
+            break;
         }
-        if matches!(self.backoff.multiplier, Some(m) if m < 1.0) {
-            return fail("backoff.multiplier", "must be at least 1.0".into());
+    }
+    (None, problems)
+}
+
+/// One figment error as a [`Problem`] at its key path.
+fn describe_structural(tree: &Dict, error: &figment::Error) -> Problem {
+    use figment::error::Kind;
+    let key = key_path(tree, &error.path);
+    let parent = key_path(tree, &error.path[..error.path.len().saturating_sub(1)]);
+    let within = if parent.is_empty() {
+        "at the top level".to_owned()
+    } else {
+        format!("in {parent}")
+    };
+    let message = match &error.kind {
+        Kind::UnknownField(found, expected) => format!(
+            "unknown key `{found}` {within}{}",
+            match closest(found, expected) {
+                Some(best) => format!(": did you mean `{best}`?"),
+                None => format!(" (known keys: {})", expected.join(", ")),
+            }
+        ),
+        Kind::UnknownVariant(found, expected) => format!(
+            "found `{found}`, expected one of {}{}",
+            expected.join(", "),
+            suggestion(found, expected)
+        ),
+        Kind::MissingField(field) => format!("missing key `{field}`"),
+        other => other.to_string(),
+    };
+    Problem { key, message }
+}
+
+/// `path` written one way: map keys joined by `.`, list indices as `[i]`.
+fn key_path(tree: &Dict, path: &[String]) -> String {
+    let mut shown = String::new();
+    let mut at: Option<&Value> = None;
+    for (depth, segment) in path.iter().enumerate() {
+        let next = match at {
+            None => tree.get(segment),
+            Some(Value::Dict(_, dict)) => dict.get(segment),
+            Some(Value::Array(_, items)) => {
+                segment.parse::<usize>().ok().and_then(|i| items.get(i))
+            }
+            Some(_) => None,
+        };
+        if matches!(at, Some(Value::Array(..))) {
+            shown.push_str(&format!("[{segment}]"));
+        } else {
+            if depth > 0 {
+                shown.push('.');
+            }
+            shown.push_str(segment);
         }
-        Ok(())
+        at = next;
+    }
+    shown
+}
+
+/// Drops the value at `path` so that deserialization can go on past it; a
+/// list element itself is never dropped (later indices would shift): false
+/// when nothing could be dropped.
+fn remove_key(tree: &mut Dict, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => tree.remove(last).is_some(),
+        [first, rest @ ..] => tree
+            .get_mut(first)
+            .is_some_and(|value| remove_in(value, rest)),
+    }
+}
+
+fn remove_in(value: &mut Value, path: &[String]) -> bool {
+    match value {
+        Value::Dict(_, dict) => remove_key(dict, path),
+        Value::Array(_, items) if path.len() > 1 => path[0]
+            .parse::<usize>()
+            .ok()
+            .and_then(|index| items.get_mut(index))
+            .is_some_and(|item| remove_in(item, &path[1..])),
+        _ => false,
+    }
+}
+
+impl TargetConfig {
+    /// One target's keys, reported under `key` (`targets.NAME`).
+    fn validate(&self, key: &str, delivery: &DeliveryConfig, problems: &mut Problems) {
+        match self.kind {
+            TargetKind::Http => {
+                match &self.url {
+                    None => problems.add(format!("{key}.url"), "an http target needs a `url`"),
+                    Some(url) => match url.parse::<hyper::Uri>() {
+                        Ok(uri)
+                            if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                                && uri.host().is_some() => {}
+                        Ok(_) => problems.add(
+                            format!("{key}.url"),
+                            format!("found `{url}`, expected an absolute http:// or https:// URL"),
+                        ),
+                        Err(err) => problems.add(
+                            format!("{key}.url"),
+                            format!("found `{url}`, expected a URL ({err})"),
+                        ),
+                    },
+                }
+                if self.path.is_some() {
+                    problems.add(format!("{key}.path"), "`path` belongs to file targets");
+                }
+                for (header, value) in &self.headers {
+                    let at = format!("{key}.headers.{header}");
+                    if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                        problems.add(&at, format!("found `{header}`, expected a header name"));
+                    }
+                    if let Err(message) = value.value() {
+                        problems.add(&at, message);
+                    }
+                }
+                if let Some(secret) = &self.secret {
+                    if let Err(message) = crate::delivery::signing::SigningKey::parse(secret) {
+                        problems.add(format!("{key}.secret"), message);
+                    }
+                }
+            }
+            TargetKind::File => {
+                if self.path.is_none() {
+                    problems.add(format!("{key}.path"), "a file target needs a `path`");
+                }
+                if self.url.is_some() {
+                    problems.add(format!("{key}.url"), "`url` belongs to http targets");
+                }
+                if self.payload == PayloadKind::Raw {
+                    problems.add(
+                        format!("{key}.payload"),
+                        "found `raw`, expected `envelope`: file targets write envelopes (JSON lines) only",
+                    );
+                }
+            }
+        }
+        if let Some(timeout) = self.timeout {
+            problems.positive(format!("{key}.timeout"), timeout);
+        }
+        if let Some(concurrency) = self.concurrency {
+            problems.at_least_one(format!("{key}.concurrency"), concurrency as u64);
+        }
+        if let Some(attempts) = self.max_attempts {
+            problems.at_least_one(format!("{key}.max_attempts"), attempts.into());
+        }
+        if let Some(max_age) = self.max_age {
+            problems.positive(format!("{key}.max_age"), max_age);
+        }
+        validate_backoff(
+            &format!("{key}.backoff"),
+            &delivery.backoff,
+            &self.backoff,
+            problems,
+        );
     }
 }
 
@@ -1024,5 +1341,116 @@ impl fmt::Display for SyncMode {
             SyncMode::Full => "full",
             SyncMode::Normal => "normal",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads `yaml` from a temporary file: the config, or every problem as
+    /// (key, message).
+    fn load(yaml: &str) -> Result<Config, Vec<(String, String)>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        match Config::load(&path) {
+            Ok(config) => Ok(config),
+            Err(ConfigError::Invalid { file, problems }) => {
+                assert_eq!(file, path.display().to_string());
+                Err(problems.into_iter().map(|p| (p.key, p.message)).collect())
+            }
+            Err(other) => panic!("not a key problem: {other}"),
+        }
+    }
+
+    fn problem<'p>(problems: &'p [(String, String)], key: &str) -> &'p str {
+        problems
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, message)| message.as_str())
+            .unwrap_or_else(|| panic!("no problem at `{key}` in {problems:#?}"))
+    }
+
+    #[test]
+    fn every_problem_of_a_file_is_reported_at_once() {
+        let problems = load(
+            "delivery:\n  timeout: 0s\n  concurrency: 0\n  backoff: {initial: 20m, max: 10m, multiplier: 0.5}\n\
+             ingest: {max_connections: many}\n\
+             targets:\n  inbox:\n    url: http://127.0.0.1:9/\n    timout: 5s\n    secret: hunter2\n    timeout: 0s\n    backoff: {max: 1s}\n\
+             routes:\n  - targets: [inbx]\n  - targets: [inbox]\n    match: {colour: red}\n",
+        )
+        .unwrap_err();
+        assert!(problem(&problems, "delivery.timeout").contains("0s"));
+        assert!(problem(&problems, "delivery.concurrency").contains("at least 1"));
+        let backoff = problem(&problems, "delivery.backoff.initial");
+        assert!(
+            backoff.contains("20m") && backoff.contains("10m"),
+            "{backoff}"
+        );
+        assert!(problem(&problems, "delivery.backoff.multiplier").contains("0.5"));
+        assert!(problem(&problems, "ingest.max_connections").contains("many"));
+        assert_eq!(
+            problem(&problems, "targets.inbox.timout"),
+            "unknown key `timout` in targets.inbox: did you mean `timeout`?"
+        );
+        assert!(problem(&problems, "targets.inbox.secret").contains("whsec_"));
+        assert!(problem(&problems, "targets.inbox.timeout").contains("0s"));
+        // The override makes the target's max smaller than the global initial.
+        assert!(problem(&problems, "targets.inbox.backoff.max").contains("initial"));
+        assert!(problem(&problems, "routes[0].targets").contains("did you mean `inbox`?"));
+        assert!(problem(&problems, "routes[1].match.colour").contains("unknown key"));
+        assert_eq!(problems.len(), 11, "{problems:#?}");
+    }
+
+    #[test]
+    fn a_value_refused_for_its_type_is_not_reported_twice() {
+        let problems =
+            load("targets:\n  a: {url: \"http://127.0.0.1:9/\"}\nroutes:\n  - targets: a\n")
+                .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].0 == "routes[0].targets", "{problems:#?}");
+    }
+
+    #[test]
+    fn the_standard_webhooks_secret_and_the_shipped_config_pass() {
+        load("targets:\n  inbox: {url: \"http://127.0.0.1:9/\", secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw}\nroutes:\n  - targets: [inbox]\n")
+            .unwrap();
+        Config::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/relay.yaml"
+        )))
+        .unwrap();
+    }
+
+    #[test]
+    fn secret_headers_come_from_the_environment_or_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, "from-a-file\n").unwrap();
+        let config = load(&format!(
+            "targets:\n  inbox:\n    url: http://127.0.0.1:9/\n    headers:\n      X-Team: mms\n      X-Key: {{file: {}}}\n",
+            key_file.display()
+        ))
+        .unwrap();
+        let headers = &config.targets["inbox"].headers;
+        assert_eq!(headers["X-Team"].value().unwrap(), "mms");
+        assert_eq!(headers["X-Key"].value().unwrap(), "from-a-file");
+
+        let problems = load(
+            "targets:\n  inbox:\n    url: http://127.0.0.1:9/\n    headers: {X-Api-Key: {env: RELAY_TEST_NO_SUCH_VARIABLE}}\n",
+        )
+        .unwrap_err();
+        assert!(problem(&problems, "targets.inbox.headers.X-Api-Key")
+            .contains("RELAY_TEST_NO_SUCH_VARIABLE"));
+    }
+
+    #[test]
+    fn a_target_backoff_is_checked_with_the_defaults_it_inherits() {
+        let problems =
+            load("targets:\n  slow: {url: \"http://127.0.0.1:9/\", backoff: {initial: 1h}}\n")
+                .unwrap_err();
+        assert!(problem(&problems, "targets.slow.backoff.initial").contains("1h"));
+        assert_eq!(problems.len(), 1, "{problems:#?}");
     }
 }

@@ -528,9 +528,15 @@ async fn client_errors_and_exhausted_attempts_become_dead_letters() {
 #[tokio::test]
 async fn signed_requests_verify_and_carry_custom_headers() {
     let sink = Sink::start().await;
+    // Secret headers come from a file or the environment (Cargo sets
+    // CARGO_PKG_NAME for the tests it runs).
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("api-key");
+    std::fs::write(&key_file, "k-123\n").unwrap();
     let relay = start_relay(&format!(
-        "{DELIVERY}targets:\n  inbox:\n    url: \"{}\"\n    secret: {SECRET}\n    headers: {{X-Api-Key: k-123, X-Team: mms}}\nroutes:\n  - targets: [inbox]\n",
-        sink.url("/inbox")
+        "{DELIVERY}targets:\n  inbox:\n    url: \"{}\"\n    secret: {SECRET}\n    headers: {{X-Api-Key: {{file: \"{}\"}}, X-Team: mms, X-Package: {{env: CARGO_PKG_NAME}}}}\nroutes:\n  - targets: [inbox]\n",
+        sink.url("/inbox"),
+        key_file.display()
     ))
     .await;
     let id = accept(&relay, SEED_XML).await;
@@ -563,6 +569,10 @@ async fn signed_requests_verify_and_carry_custom_headers() {
     );
     assert_eq!(request.header("x-api-key"), Some("k-123"));
     assert_eq!(request.header("x-team"), Some("mms"));
+    assert_eq!(
+        request.header("x-package"),
+        Some(std::env::var("CARGO_PKG_NAME").unwrap().as_str())
+    );
     assert_eq!(
         request.header("content-type"),
         Some("application/cloudevents+json")
@@ -648,6 +658,107 @@ async fn file_targets_get_one_envelope_per_line() {
 }
 
 // 10. A slow target does not delay a fast one, nor ingest.
+/// A write that fails half-way (here the file size limit, as a full disk
+/// would) leaves no torn line behind: the file is cut back to its length
+/// before the write, the attempt is retried, and once the write can succeed
+/// the line is appended whole. The real binary runs with RLIMIT_FSIZE set
+/// (and SIGXFSZ ignored, so the write fails with EFBIG rather than killing
+/// it); the test lifts the limit with prlimit. No root needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_file_write_leaves_only_whole_lines() {
+    use common::process::RelayProcess;
+    const LIMIT: u64 = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("postbacks.jsonl");
+    // Whole lines up to 100 bytes short of the limit: the next line is cut.
+    let mut before = String::new();
+    while (before.len() as u64) < LIMIT - 100 {
+        let room = (LIMIT - 100) as usize - before.len();
+        let pad = room.min(1000).saturating_sub(12).max(1);
+        before.push_str(&format!("{{\"pad\":\"{}\"}}\n", "x".repeat(pad)));
+    }
+    before.truncate((LIMIT - 100) as usize);
+    if !before.ends_with('\n') {
+        before.pop();
+        before.push('\n');
+    }
+    std::fs::write(&out, &before).unwrap();
+    let config = common::process::write_config(
+        dir.path(),
+        &format!(
+            "{DELIVERY}targets:\n  archive: {{kind: file, path: \"{}\"}}\nroutes:\n  - targets: [archive]\n",
+            out.display()
+        ),
+    );
+    let relay = tokio::task::spawn_blocking(move || {
+        RelayProcess::start_customized(&config, &[], |command| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    let limit = libc::rlimit {
+                        rlim_cur: LIMIT,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    })
+    .await
+    .unwrap();
+    let (status, answer) = post(
+        &relay.url,
+        Some("text/xml"),
+        mo_xml("torn-1", "HI", "12345"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let retried = "relay_deliveries_total{outcome=\"retried\",target=\"archive\"}";
+    eventually(WAIT, "a failed attempt", || async {
+        (relay.metric(retried).await.unwrap_or(0.0) >= 2.0).then_some(())
+    })
+    .await;
+    let after_failures = std::fs::read(&out).unwrap();
+    assert_eq!(
+        after_failures.len(),
+        before.len(),
+        "a failed write left {} bytes behind",
+        after_failures.len() - before.len()
+    );
+    // The disk is fixed: the retry appends the line, whole.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain system call on a child this test owns.
+    let lifted = unsafe {
+        libc::prlimit(
+            relay.pid() as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(lifted, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let text = eventually(WAIT, "the line in the file", || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        async move { text.contains("torn-1").then_some(text) }
+    })
+    .await;
+    assert!(text.starts_with(&before) && text.ends_with('\n'));
+    let lines: Vec<Value> = text[before.len()..]
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["data"]["tracking_id"], "torn-1", "{}", lines[0]);
+}
+
 #[tokio::test]
 async fn a_slow_target_does_not_hold_up_a_fast_one() {
     const N: usize = 5;

@@ -277,6 +277,126 @@ fn check_config_accepts_good_files_and_names_the_culprit_in_bad_ones() {
     assert!(!stderr.contains("listening"), "{stderr}");
 }
 
+/// Every problem of a file in one run, each on its own line with the file
+/// and the key; an unknown key gets the closest known one.
+#[test]
+fn check_config_reports_every_problem_of_a_file_at_once() {
+    if skip_unless(
+        Backend::Sqlite,
+        "config checks are the same for every backend",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many-problems.yaml");
+    std::fs::write(
+        &path,
+        config_yaml(
+            dir.path(),
+            "delivery:\n  timeout: 0s\n  backoff: {initial: 20m, max: 10m}\n\
+             targets:\n  inbox:\n    url: \"http://127.0.0.1:9/hook\"\n    timout: 5s\n    secret: not-a-whsec-key\n\
+             \x20   headers: {X-Api-Key: {env: RELAY_TEST_NO_SUCH_VARIABLE}}\n\
+             routes:\n  - targets: [inbx]\n",
+        ),
+    )
+    .unwrap();
+    let path = path.display().to_string();
+    let expected = [
+        ("delivery.timeout", "0s"),
+        ("delivery.backoff.initial", "20m"),
+        ("targets.inbox.timout", "did you mean `timeout`?"),
+        ("targets.inbox.secret", "whsec_"),
+        (
+            "targets.inbox.headers.X-Api-Key",
+            "RELAY_TEST_NO_SUCH_VARIABLE",
+        ),
+        ("routes[0].targets", "inbx"),
+    ];
+    for command in ["check-config", "run"] {
+        let (status, stdout, stderr) =
+            run_to_end(&[command, "--config", &path], Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{command}: {stdout}{stderr}");
+        let problems: Vec<&str> = stderr
+            .lines()
+            .filter(|line| line.starts_with(&format!("invalid config {path}: ")))
+            .collect();
+        for (key, value) in expected {
+            assert!(
+                problems
+                    .iter()
+                    .any(|line| line.contains(&format!(": {key}: ")) && line.contains(value)),
+                "{command}: no line for `{key}` with `{value}` in:\n{stderr}"
+            );
+        }
+        assert_eq!(problems.len(), expected.len(), "{command}:\n{stderr}");
+        // `run` refuses before it opens the store or listens on anything.
+        assert!(!stderr.contains("listening"), "{command}: {stderr}");
+        assert!(
+            !dir.path().join("relay.db").exists(),
+            "{command} opened the store"
+        );
+    }
+}
+
+/// The store and the file target hold phone numbers and message texts: the
+/// relay creates them readable by its own user only, whatever its umask.
+#[test]
+fn the_relay_creates_its_files_private() {
+    use std::os::unix::fs::PermissionsExt;
+    if skip_unless(Backend::Sqlite, "the files checked are SQLite's") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = dir.path().join("out");
+    let config = dir.path().join("relay.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstore:\n  path: {}\n  min_free_bytes: 131072\n\
+             targets:\n  archive: {{kind: file, path: {}}}\nroutes:\n  - targets: [archive]\n",
+            state.join("relay.db").display(),
+            out.join("postbacks.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let relay = RelayProcess::start(&config);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (status, answer) = post(&relay.url, None, mo_xml("private-1", "HI", "12345")).await;
+        assert_eq!(status, 200, "{answer}");
+        eventually(
+            Duration::from_secs(15),
+            "the line in the file target",
+            || {
+                let text = std::fs::read_to_string(out.join("postbacks.jsonl")).unwrap_or_default();
+                async move { text.contains("private-1").then_some(()) }
+            },
+        )
+        .await;
+    });
+    let mut checked = 0;
+    let mut pending = vec![state.clone(), out.clone()];
+    while let Some(path) = pending.pop() {
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        if path.is_dir() {
+            assert_eq!(mode, 0o700, "{} is {mode:o}", path.display());
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(mode, 0o600, "{} is {mode:o}", path.display());
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 4,
+        "only {checked} paths checked: {}",
+        relay.log()
+    );
+}
+
 #[test]
 fn the_kubernetes_config_maps_hold_valid_configs() {
     if skip_unless(

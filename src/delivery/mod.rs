@@ -113,10 +113,12 @@ fn build_targets(config: &Config, client: &HttpClient, metrics: &Metrics) -> Vec
                         .headers
                         .iter()
                         .map(|(k, v)| {
+                            // Secrets are read again here: validation read them moments ago.
+                            let value = v.value().expect("validated with the config");
                             (
                                 HeaderName::from_bytes(k.as_bytes())
                                     .expect("validated with the config"),
-                                HeaderValue::from_str(v).expect("validated with the config"),
+                                HeaderValue::from_str(&value).expect("validated with the config"),
                             )
                         })
                         .collect(),
@@ -138,7 +140,7 @@ fn build_targets(config: &Config, client: &HttpClient, metrics: &Metrics) -> Vec
                 policy: RetryPolicy::new(
                     &config.delivery.backoff,
                     &target.backoff,
-                    target.max_attempts.unwrap_or(config.delivery.max_attempts),
+                    target.max_attempts.or(config.delivery.max_attempts),
                     target.max_age.unwrap_or(config.delivery.max_age).0,
                 ),
                 counted: TargetMetrics::new(metrics, name),

@@ -41,8 +41,8 @@ pub struct RetryPolicy {
     pub max: Duration,
     /// Growth factor of the bound.
     pub multiplier: f64,
-    /// Attempts before giving up.
-    pub max_attempts: u32,
+    /// Attempts before giving up; `None`: only `max_age` ends the retries.
+    pub max_attempts: Option<u32>,
     /// Age before giving up.
     pub max_age: Duration,
 }
@@ -52,7 +52,7 @@ impl RetryPolicy {
     pub fn new(
         defaults: &BackoffConfig,
         overrides: &BackoffOverride,
-        max_attempts: u32,
+        max_attempts: Option<u32>,
         max_age: Duration,
     ) -> RetryPolicy {
         RetryPolicy {
@@ -81,7 +81,7 @@ impl RetryPolicy {
         retry_after: Option<Duration>,
         jitter: f64,
     ) -> Next {
-        if attempt >= self.max_attempts {
+        if self.max_attempts.is_some_and(|max| attempt >= max) {
             return Next::GiveUp("max attempts reached");
         }
         let delay = match retry_after {
@@ -129,7 +129,7 @@ mod tests {
             initial: Duration::from_secs(1),
             max: Duration::from_secs(600),
             multiplier: 2.0,
-            max_attempts: 15,
+            max_attempts: Some(15),
             max_age: Duration::from_secs(24 * 3600),
         }
     }
@@ -217,6 +217,55 @@ mod tests {
             ),
             Next::RetryIn(Duration::ZERO)
         );
+    }
+
+    /// During an outage (no answer at all, every attempt failing at once)
+    /// the default policy keeps trying until `max_age`, whatever the jitter
+    /// draws: no attempt count dead-letters the delivery before.
+    #[test]
+    fn the_defaults_retry_until_max_age() {
+        let delivery = crate::config::DeliveryConfig::default();
+        let p = RetryPolicy::new(
+            &delivery.backoff,
+            &BackoffOverride::default(),
+            delivery.max_attempts,
+            delivery.max_age.0,
+        );
+        for jitter in [1.0, 0.5, 0.05] {
+            let mut age = Duration::ZERO;
+            let mut attempt = 1;
+            let reason = loop {
+                match p.after_failure(attempt, age, None, jitter) {
+                    Next::RetryIn(delay) => age += delay,
+                    Next::GiveUp(reason) => break reason,
+                }
+                attempt += 1;
+            };
+            assert_eq!(
+                reason, "max age exceeded",
+                "jitter {jitter}, attempt {attempt}"
+            );
+            assert!(
+                age + p.max >= p.max_age,
+                "jitter {jitter}: gave up at {age:?}, {attempt} attempts"
+            );
+        }
+    }
+
+    /// The schedule the README's table shows: bounds double from 1 s and
+    /// stop at 10 min from the 11th failure on.
+    #[test]
+    fn the_documented_schedule() {
+        let p = RetryPolicy::new(
+            &crate::config::BackoffConfig::default(),
+            &BackoffOverride::default(),
+            None,
+            Duration::from_secs(24 * 3600),
+        );
+        let bounds: Vec<u64> = (1..=12).map(|n| p.delay_bound(n).as_secs()).collect();
+        assert_eq!(bounds, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600]);
+        let first_ten: u64 = bounds[..10].iter().sum();
+        assert_eq!(first_ten, 1023);
     }
 
     #[test]

@@ -7,6 +7,11 @@ use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+/// Shortest key the spec allows (192 bits).
+pub const MIN_KEY_BYTES: usize = 24;
+/// Longest key the spec allows (512 bits).
+pub const MAX_KEY_BYTES: usize = 64;
+
 /// A decoded signing secret.
 #[derive(Clone)]
 pub struct SigningKey(Vec<u8>);
@@ -18,17 +23,23 @@ impl std::fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    /// Parses `whsec_<base64>` (the prefix is optional, as in the spec's libraries).
+    /// Parses `whsec_<base64>` as the Standard Webhooks spec writes it: a key
+    /// of 24 to 64 bytes. Anything else is refused rather than guessed at, so
+    /// a pasted password never becomes a weak or misread key.
     pub fn parse(secret: &str) -> Result<SigningKey, String> {
-        let encoded = secret
-            .trim()
-            .strip_prefix("whsec_")
-            .unwrap_or(secret.trim());
+        let expected = format!(
+            "expected `whsec_` followed by the base64 of a {MIN_KEY_BYTES} to {MAX_KEY_BYTES} byte key"
+        );
+        let Some(encoded) = secret.trim().strip_prefix("whsec_") else {
+            return Err(format!(
+                "found a secret without the `whsec_` prefix, {expected}"
+            ));
+        };
         let key = STANDARD
             .decode(encoded)
-            .map_err(|err| format!("secret must be `whsec_` followed by base64 ({err})"))?;
-        if key.is_empty() {
-            return Err("secret is empty".into());
+            .map_err(|err| format!("found invalid base64 ({err}), {expected}"))?;
+        if !(MIN_KEY_BYTES..=MAX_KEY_BYTES).contains(&key.len()) {
+            return Err(format!("found a {} byte key, {expected}", key.len()));
         }
         Ok(SigningKey(key))
     }
@@ -67,5 +78,10 @@ mod tests {
     fn bad_secrets_are_refused() {
         assert!(SigningKey::parse("whsec_***").is_err());
         assert!(SigningKey::parse("whsec_").is_err());
+        // Valid base64, but no prefix, or too short a key.
+        assert!(SigningKey::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(SigningKey::parse("whsec_c2VjcmV0").is_err());
+        assert!(SigningKey::parse(&format!("whsec_{}", STANDARD.encode([7u8; 65]))).is_err());
+        assert!(SigningKey::parse(&format!("whsec_{}", STANDARD.encode([7u8; 64]))).is_ok());
     }
 }

@@ -177,7 +177,9 @@ impl HttpSink {
 }
 
 /// A file target: appends one envelope per line and fsyncs, so the default
-/// config delivers somewhere real with no other service running.
+/// config delivers somewhere real with no other service running. A failed
+/// write is rolled back to the file's previous length: the file only ever
+/// holds whole lines.
 pub struct FileSink {
     path: PathBuf,
     file: Arc<Mutex<Option<std::fs::File>>>,
@@ -211,8 +213,15 @@ impl FileSink {
                 );
             }
             let handle = guard.as_mut().expect("opened above");
+            let before = handle.metadata()?.len();
             let result = handle.write_all(&line).and_then(|()| handle.sync_data());
             if result.is_err() {
+                // A full disk or a size limit can cut the line short: cut it
+                // off again, or the retry would glue its line to the torn one.
+                if let Err(err) = handle.set_len(before) {
+                    tracing::error!(file = %path.display(), error = %err,
+                        "cannot remove a partly written line from the file target");
+                }
                 // Reopen next time: the file may have been moved or the disk fixed.
                 *guard = None;
             }

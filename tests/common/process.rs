@@ -120,6 +120,16 @@ impl RelayProcess {
 
     /// [`RelayProcess::start`] with more `run` arguments (e.g. `--watch`).
     pub fn start_with(config: &Path, extra: &[&str]) -> RelayProcess {
+        RelayProcess::start_customized(config, extra, |_| {})
+    }
+
+    /// [`RelayProcess::start_with`], with the command adjusted first (say,
+    /// resource limits set in `pre_exec`).
+    pub fn start_customized(
+        config: &Path,
+        extra: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> RelayProcess {
         let mut args = vec![
             "run",
             "--config",
@@ -128,7 +138,9 @@ impl RelayProcess {
             "json",
         ];
         args.extend_from_slice(extra);
-        let mut child = relay_command(&args)
+        let mut command = relay_command(&args);
+        customize(&mut command);
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -187,6 +199,11 @@ impl RelayProcess {
         tokio::task::spawn_blocking(move || RelayProcess::start(&config))
             .await
             .expect("start task")
+    }
+
+    /// The process id, for limits set from outside (`prlimit`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Every stderr line so far.
