@@ -39,7 +39,10 @@
 //!   after it is damage: recovery resynchronises to the next valid frame,
 //!   logs the records skipped at ERROR, and once the rest is moved keeps the
 //!   segment aside as `<segment>.log.damaged-<unix seconds>` (never deleted;
-//!   counted by `relay_journal_damaged_segments`).
+//!   counted by `relay_journal_damaged_segments`). Sequence numbers run on
+//!   across segments, so records missing at the end of a segment (not yet
+//!   moved) show as a gap before the next one: damage too. The next number
+//!   is above every one seen, damaged segments included.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -185,12 +188,25 @@ impl Intake {
             sync_dir(parent)?;
         }
         let mut records = Vec::new();
-        let mut closed = VecDeque::new();
+        let mut closed: VecDeque<Closed> = VecDeque::new();
         let mut last_seq = moved_through;
         let mut last_segment = 0;
+        // The last segment with records: its place in `closed` and last seq.
+        let mut previous: Option<(usize, u64)> = None;
         for (segment, path) in segments(&dir)? {
             let bytes = std::fs::read(&path).map_err(|err| io_error(&path, &err))?;
             let found = decode_all(&bytes);
+            // Sequence numbers run on from one segment to the next (a torn
+            // record's is used again): a gap not yet moved into SQLite means
+            // the end of the previous segment was damaged.
+            if let (Some(first), Some((index, before))) = (found.records.first(), previous) {
+                let floor = before.max(moved_through);
+                if first.seq > floor + 1 {
+                    closed[index].damaged = true;
+                    tracing::error!(segment = %path.display(), records_skipped = first.seq - floor - 1,
+                        "intake journal: records missing before this segment (the end of the previous one is damaged): acknowledged postbacks are lost; the previous segment is kept aside");
+                }
+            }
             if found.torn {
                 tracing::warn!(segment = %path.display(),
                     "intake journal ends in a torn record (a crash mid-write); it was never acknowledged");
@@ -209,6 +225,9 @@ impl Intake {
                     .into_iter()
                     .filter(|record| record.seq > moved_through),
             );
+            if segment_last > 0 {
+                previous = Some((closed.len(), segment_last));
+            }
             closed.push_back(Closed {
                 segment,
                 last: segment_last,
@@ -1051,6 +1070,58 @@ mod tests {
         let (intake, records, last) = open_intake(&database, 5);
         assert_eq!((ids(&records), last), (vec!["p6"], 6));
         assert_eq!(intake.damaged_segments(), 1);
+    }
+
+    #[test]
+    fn records_missing_at_the_end_of_a_segment_are_damage_when_later_ones_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dedupe_db(dir.path());
+        let (mut intake, _, _) = open_intake(&database, 0);
+        intake.segment_bytes = 1024;
+        let mut record = postback("p", None, &[]);
+        record.raw_body = Bytes::from(vec![b'x'; 400]);
+        for n in 1..=4 {
+            record.id = format!("p{n}");
+            record.dedupe_key = record.id.clone();
+            appended(&intake, &record);
+        }
+        drop(intake);
+        let journal = journal_dir(&database);
+        let found = segments(&journal).unwrap();
+        assert_eq!(found.len(), 2, "two records a segment");
+        // The first segment's second record is zeroed out: it reads as a
+        // clean end, but the next segment starts at 3.
+        let mut bytes = std::fs::read(&found[0].1).unwrap();
+        let mut buffer = Vec::new();
+        encode(1, &record, &mut buffer);
+        bytes[buffer.len()..].fill(0);
+        std::fs::write(&found[0].1, &bytes).unwrap();
+
+        let (intake, records, last) = open_intake(&database, 0);
+        assert_eq!((ids(&records), last), (vec!["p1", "p3", "p4"], 4));
+        intake.forget_through(last);
+        assert!(!found[0].1.exists() && !found[1].1.exists());
+        assert_eq!(intake.damaged_segments(), 1, "the first one, kept aside");
+        drop(intake);
+
+        // Records already moved into SQLite are not missing: a torn tail
+        // before a segment that starts after them is no damage.
+        let dir = tempfile::tempdir().unwrap();
+        let database = dedupe_db(dir.path());
+        let (mut intake, _, _) = open_intake(&database, 0);
+        intake.segment_bytes = 1024;
+        for n in 1..=4 {
+            record.id = format!("p{n}");
+            record.dedupe_key = record.id.clone();
+            appended(&intake, &record);
+        }
+        drop(intake);
+        let found = segments(&journal_dir(&database)).unwrap();
+        std::fs::write(&found[0].1, &bytes).unwrap();
+        let (intake, records, _) = open_intake(&database, 2);
+        assert_eq!(ids(&records), ["p3", "p4"]);
+        intake.forget_through(4);
+        assert_eq!(intake.damaged_segments(), 0);
     }
 
     #[test]

@@ -638,13 +638,13 @@ impl Store for SqliteStore {
         self.read(read_stats).await
     }
 
-    /// The last commit succeeded, and the disk is not about to fill up: a
-    /// full disk can still take small commits into WAL space SQLite had
-    /// already allocated, which would make readiness flap.
     fn damaged_journal_segments(&self) -> u64 {
         self.intake.damaged_segments()
     }
 
+    /// The last commit succeeded, and the disk is not about to fill up: a
+    /// full disk can still take small commits into WAL space SQLite had
+    /// already allocated, which would make readiness flap.
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
             && !self.commands.is_closed()
