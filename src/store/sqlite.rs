@@ -1926,10 +1926,7 @@ mod tests {
         let mut volume = lossyfs::Volume::mount(mount.path()).unwrap();
         let options = SqliteOptions {
             path: mount.path().join(path),
-            sync: SyncMode::Full,
-            busy_timeout: Duration::from_secs(1),
-            dedupe_window: Duration::from_secs(60),
-            min_free_bytes: 0,
+            ..options(mount.path(), SyncMode::Full)
         };
         create_parent_dirs(&options.path, options.sync).unwrap();
         let mut conn = open_connection(&options.path, &options).unwrap();
@@ -1949,7 +1946,9 @@ mod tests {
             targets: vec!["a".into()],
             leased_until_ms: None,
         };
-        let seq = intake.append(&postback).unwrap().unwrap();
+        let Appended::New(seq) = intake.append(&postback).unwrap() else {
+            panic!("a fresh store has no duplicate");
+        };
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
@@ -1972,6 +1971,7 @@ mod tests {
             busy_timeout: Duration::from_secs(1),
             dedupe_window: Duration::from_secs(60),
             min_free_bytes: 0,
+            quarantine: QuarantineLimits::default(),
         }
     }
 
