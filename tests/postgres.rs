@@ -483,7 +483,8 @@ async fn a_duplicate_sent_to_two_instances_at_once_is_delivered_once() {
         let dir = tempfile::tempdir().unwrap();
         let sink = Sink::start().await;
         let rest = format!(
-            "{DELIVERY}ingest: {{dedupe_window: 2s}}\ntargets:\n  inbox: {{url: \"{}\"}}\n\
+            // Every pair comes from 127.0.0.1: above the per-source cap of 8.
+            "{DELIVERY}ingest: {{dedupe_window: 2s, max_connections_per_source: 256}}\ntargets:\n  inbox: {{url: \"{}\"}}\n\
              routes:\n  - targets: [inbox]\n",
             sink.url("/inbox")
         );

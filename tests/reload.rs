@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use postback_relay::config::Config;
+use tokio::io::AsyncReadExt;
 
 const TARGETS: &str = "targets:\n  a: {url: \"URL_A\"}\n  b: {url: \"URL_B\"}\n";
 
@@ -78,7 +79,7 @@ async fn routes_and_the_allowlist_change_without_a_restart() {
     assert_eq!(status, 200);
     sink.wait_for("/c", 2, Duration::from_secs(10)).await;
 
-    // The allowlist applies to the next request; other changes are reported.
+    // The allowlist applies to the next connection; other changes are reported.
     let locked = load(
         &relay,
         "v4.yaml",
@@ -91,8 +92,19 @@ async fn routes_and_the_allowlist_change_without_a_restart() {
         handle.reload_config(&locked),
         Ok(vec!["ingest (limits and timeouts)"])
     );
-    let (status, _) = post(&relay.url, None, mo_xml("R-4", "hello", "28444")).await;
-    assert_eq!(status, 403);
+    // 127.0.0.1 is no longer allowed: closed at accept, unanswered.
+    let mut refused = tokio::net::TcpStream::connect(handle.ingest_addr)
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), refused.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    assert_eq!(
+        relay
+            .metric(r#"relay_connections_refused_total{listener="ingest",reason="not_allowed"}"#)
+            .await,
+        Some(1.0)
+    );
 
     assert_eq!(
         relay

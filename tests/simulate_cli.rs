@@ -53,8 +53,10 @@ async fn simulated_postbacks_are_accepted_and_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_retried_like_sinch_then_given_up() {
-    // A relay that refuses everyone: 403 on every attempt.
-    let relay = start_relay("ingest:\n  allow: [203.0.113.0/24]\n").await;
+    // A relay that refuses everyone: 403 on every attempt (loopback plays a
+    // trusted proxy, so the refusal is an answer, not a close at accept).
+    let relay =
+        start_relay("ingest:\n  allow: [203.0.113.0/24]\n  trusted_proxies: [127.0.0.0/8]\n").await;
     let url = relay.url.clone();
     let (code, report) = tokio::task::spawn_blocking(move || {
         simulate(&[
