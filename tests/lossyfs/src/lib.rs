@@ -7,7 +7,7 @@
 //! relay promises "200 means on disk" with `store.sync: full`, so its suite
 //! must be able to cut the power under load; [`Volume`] is that switch.
 //!
-//! The rules of durability are in [`model`]'s docs (stricter than Jepsen's
+//! The rules of durability are in `src/model.rs` (stricter than Jepsen's
 //! LazyFS: directory entries need a directory fsync). It runs on fuser's
 //! pure-Rust mount (no libfuse to link): as root the mount is a plain
 //! `mount(2)`, else fuser falls back to `fusermount3` (Debian: fuse3). It
