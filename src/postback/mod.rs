@@ -72,7 +72,9 @@ pub enum ParseError {
 pub struct Excerpt(String);
 
 impl Excerpt {
-    /// Characters kept, counted after escaping.
+    /// Characters kept, counted after escaping: room for a parser's own
+    /// message (up to ~80 characters, e.g. quick-xml's "expected `</a>`, but
+    /// `</b>` was found" with its position) with short names quoted whole.
     pub const MAX_CHARS: usize = 96;
 
     /// The excerpt of `text`.

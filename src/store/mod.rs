@@ -14,6 +14,10 @@
 //!   that dies becomes due again when the lease runs out.
 //! - Every finished attempt is recorded with [`Store::complete`]: delivered
 //!   (the job is gone), retry later, or dead letter (kept with its reason).
+//! - A refused body ([`Store::quarantine`]) is kept whole while the
+//!   quarantine's stored bytes (a running total, never a scan) stay within
+//!   `quarantine.max_bytes`, else as its hash, size, error and first 1 KiB;
+//!   a janitor deletes bodies past `quarantine.retention` ([`QuarantineLimits`]).
 //!
 //! Times are Unix milliseconds; backends do their own batching.
 //!
