@@ -92,7 +92,9 @@ pub const NO_ROUTE_TARGET: &str = "(no route)";
 pub struct NewPostback {
     /// Envelope id (ULID) assigned by the ingest side.
     pub id: String,
-    /// `origin|code|tracking-id`, or the body hash when there is no tracking id.
+    /// `origin|code|tracking-id`, or the body hash when there is no tracking
+    /// id; at most [`crate::ingest::MAX_DEDUPE_KEY_BYTES`] long (longer keys
+    /// are replaced by their digest where they are built).
     pub dedupe_key: String,
     /// When ingest received it.
     pub received_at_ms: i64,
