@@ -809,3 +809,110 @@ async fn a_pause_through_one_instance_holds_for_the_others() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// One postback's trouble stays its own (a refused row, a failed commit, a
+// stalled server, the server's flush setting)
+// ---------------------------------------------------------------------------
+
+/// A relay in this process on database `db`, delivering everything to the
+/// sink's `/inbox`; `store_extra` adds `store:` keys.
+async fn relay_on(db: TestDatabase, sink: &Sink, store_extra: &str) -> TestRelay {
+    let store = TestStore {
+        dir: tempfile::tempdir().expect("temp dir"),
+        db: Some(db),
+        store_extra: store_extra.to_owned(),
+    };
+    let rest = format!(
+        "{DELIVERY}targets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
+        sink.url("/inbox")
+    );
+    start_relay_in(store, &rest).await
+}
+
+/// The relay's database URL.
+fn db_url(relay: &TestRelay) -> String {
+    relay
+        .store
+        .db
+        .as_ref()
+        .expect("a PostgreSQL store")
+        .url
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_are_flushed_even_when_new_connections_default_to_asynchronous_commit() {
+    bounded(
+        Duration::from_secs(90),
+        "the synchronous_commit test",
+        async {
+            let db = TestDatabase::create();
+            let name = db.name.clone();
+            let sink = Sink::start().await;
+            let relay = relay_on(db, &sink, "").await;
+            let admin = common::pg::connect(&db_url(&relay)).await;
+            // Record the setting each event is committed under.
+            admin
+                .batch_execute(
+                    r#"
+CREATE TABLE test_sync (setting TEXT NOT NULL);
+CREATE FUNCTION test_record_sync() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO test_sync VALUES (current_setting('synchronous_commit'));
+    RETURN NULL;
+END $$;
+CREATE TRIGGER test_record_sync AFTER INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION test_record_sync();
+"#,
+                )
+                .await
+                .unwrap();
+            // After the relay opened, the database's default turns off, and the
+            // relay's connections are replaced by new ones that get it.
+            admin
+                .batch_execute(&format!(
+                    "ALTER DATABASE {name} SET synchronous_commit = off;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid();"
+                ))
+                .await
+                .unwrap();
+            let fresh = common::pg::connect(&db_url(&relay)).await;
+            let default: String = fresh
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(default, "off", "new connections get the database's default");
+
+            let client = http_client();
+            for n in 0..5 {
+                let body = mo_xml(&format!("sync-{n}"), "hello", "28444");
+                eventually(
+                    Duration::from_secs(15),
+                    "accepted on new connections",
+                    || {
+                        let (client, url, body) = (client.clone(), relay.url.clone(), body.clone());
+                        async move {
+                            let answer = try_post(&client, &url, body).await.ok()?;
+                            (answer.status == 200).then_some(())
+                        }
+                    },
+                )
+                .await;
+            }
+            let settings = relay.query("SELECT setting FROM test_sync ORDER BY setting");
+            assert_eq!(settings.len(), 5, "{settings:?}");
+            for setting in &settings {
+                assert_eq!(
+                    setting[0],
+                    rusqlite::types::Value::Text("on".into()),
+                    "every accept commits with synchronous_commit on: {settings:?}"
+                );
+            }
+            relay.shutdown().await;
+        },
+    )
+    .await;
+}

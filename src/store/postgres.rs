@@ -6,9 +6,11 @@
 //!   pooled connection. A writer takes every postback waiting and commits them
 //!   with one statement in one transaction (`BEGIN`, the statement and `COMMIT`
 //!   pipelined: one round trip and one WAL flush per batch). The commit waits
-//!   for the WAL flush: if the server's `synchronous_commit` is `off` when the
-//!   store opens, accepts turn it on for their own transaction (and a warning
-//!   is logged). Callers hear "accepted" only after `COMMIT` returned.
+//!   for the WAL flush: every transaction whose commit is acknowledged sets
+//!   `synchronous_commit` on for itself (`SET LOCAL`, in the same round trip),
+//!   whatever the server's, database's or role's default, on every connection
+//!   (also behind a transaction-pooling proxy, where a session setting would
+//!   not stick). Callers hear "accepted" only after `COMMIT` returned.
 //! - **Dedupe** is a unique key: `INSERT ... ON CONFLICT (key) DO UPDATE` that
 //!   takes the key over only when the stored one is older than the window, and
 //!   returns whose key it is. Two instances racing on one key are serialised by
@@ -275,7 +277,9 @@ const PRUNE_DEDUPE_SQL: &str = "DELETE FROM dedupe WHERE key IN \
 /// Starts a transaction whose commit does not wait for the WAL flush.
 const BEGIN_BOOKKEEPING: &str = "BEGIN; SET LOCAL synchronous_commit TO OFF";
 /// Starts a transaction whose commit waits for the WAL flush even where the
-/// server's default says otherwise.
+/// server's, database's or role's default says otherwise (set per
+/// transaction: a default can change, and a pooling proxy may hand each
+/// transaction another server connection).
 const BEGIN_FLUSHED: &str = "BEGIN; SET LOCAL synchronous_commit TO ON";
 
 /// Options the PostgreSQL store is opened with.
@@ -365,9 +369,6 @@ struct Shared {
     dedupe_window_ms: i64,
     /// This instance's row in `heartbeat`.
     instance: String,
-    /// The server does not flush commits by default (`synchronous_commit =
-    /// off`): what is acknowledged asks for it itself.
-    force_flush: AtomicBool,
 }
 
 /// One postback waiting for a writer, with the channel its caller waits on.
@@ -429,15 +430,8 @@ impl PostgresStore {
             lease: options.lease,
             dedupe_window_ms: options.dedupe_window.as_millis() as i64,
             instance: instance_name(),
-            force_flush: AtomicBool::new(false),
         });
         let version = shared.migrate().await?;
-        if shared.force_flush.load(Ordering::Relaxed) {
-            tracing::warn!(
-                "the server has synchronous_commit = off: postbacks are committed with it on \
-                 (a 200 must survive a crash of the database)"
-            );
-        }
         tracing::info!(
             database = %describe_url(&options.url), schema_version = version,
             pool_size = options.pool_size, "PostgreSQL store ready"
@@ -961,12 +955,6 @@ impl Shared {
                 tracing::info!(version = index + 1, "PostgreSQL schema migrated");
             }
             tx.commit().await?;
-            let synchronous_commit: String = client
-                .query_one("SHOW synchronous_commit", &[])
-                .await?
-                .get(0);
-            self.force_flush
-                .store(synchronous_commit == "off", Ordering::Relaxed);
             Ok::<_, tokio_postgres::Error>(Ok(MIGRATIONS.len()))
         };
         match tokio::time::timeout(Duration::from_secs(60), work).await {
@@ -1037,13 +1025,10 @@ impl Shared {
         outcome
     }
 
-    /// `BEGIN` for what is acknowledged: flushed at commit.
+    /// `BEGIN` for what is acknowledged: flushed at commit, on every
+    /// connection and whatever the defaults (see [`BEGIN_FLUSHED`]).
     fn durable_begin(&self) -> &'static str {
-        if self.force_flush.load(Ordering::Relaxed) {
-            BEGIN_FLUSHED
-        } else {
-            "BEGIN"
-        }
+        BEGIN_FLUSHED
     }
 
     fn not_ready(&self, error: &StoreError) {
