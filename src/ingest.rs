@@ -3,8 +3,9 @@
 //! read the body, parse, route, commit, answer. Delivery happens elsewhere.
 //!
 //! The one rule: 200 only after the store has committed the postback and its
-//! jobs. Store errors become 503 (Sinch retries later); unparseable bodies are
-//! quarantined, then answered 400.
+//! jobs. Store errors become 503 (Sinch retries later); unparseable bodies,
+//! and bodies the database refuses to store, are quarantined, then answered
+//! 400.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -200,8 +201,8 @@ impl Ingest {
     ) -> (Outcome, HttpResponse) {
         let (mut new, decision) = prepare(
             &postback,
-            body,
-            content_type,
+            body.clone(),
+            content_type.clone(),
             received_at_ms,
             &self.router.get(),
             &self.source,
@@ -243,6 +244,12 @@ impl Ingest {
                         &json!({"status": "duplicate", "id": original_id}),
                     ),
                 )
+            }
+            Err(StoreError::Refused(reason)) => {
+                // Sending it again cannot help: keep it for an operator.
+                log("refused", &id);
+                self.quarantine(reason, body, content_type, received_at_ms)
+                    .await
             }
             Err(err) => {
                 log("error", &id);
@@ -298,14 +305,16 @@ impl Ingest {
         })
     }
 
+    /// Keeps a body that cannot be committed as a postback (the parser or
+    /// the database refused it), then answers 400.
     async fn quarantine(
         &self,
-        parse_error: postback::ParseError,
+        reason: impl std::fmt::Display,
         body: Bytes,
         content_type: Option<String>,
         received_at_ms: i64,
     ) -> (Outcome, HttpResponse) {
-        let message = parse_error.to_string();
+        let message = reason.to_string();
         let entry = QuarantineEntry {
             body_hash: hex::encode(Sha256::digest(&body)),
             body,

@@ -22,6 +22,7 @@ use common::*;
 use postback_relay::store::{
     now_ms, Acceptance, NewPostback, Outcome, PostgresOptions, PostgresStore, Store,
 };
+use sha2::Digest;
 
 /// Quick retries, enough attempts that nothing is given up during a test, and
 /// a delivery timeout well inside the lease.
@@ -914,5 +915,92 @@ CREATE TRIGGER test_record_sync AFTER INSERT ON events
             relay.shutdown().await;
         },
     )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_database_refuses_is_answered_400_and_quarantined_while_its_batch_commits() {
+    bounded(Duration::from_secs(90), "the refused-row test", async {
+        // A LATIN1 database cannot hold a CJK tracking id: PostgreSQL refuses
+        // the row (SQLSTATE 22P05) whatever the relay does with it. An
+        // 8,000-character tracking id (beyond a btree entry) rides along.
+        let db = TestDatabase::create_with(
+            "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        );
+        let sink = Sink::start().await;
+        let relay = relay_on(db, &sink, "").await;
+        const GOOD: usize = 30;
+        let bad = mo_xml("東京-1", "hello", "28444");
+        let long: String = (0..125u32)
+            .map(|n| hex::encode(sha2::Sha256::digest(n.to_le_bytes())))
+            .collect();
+        let mut bodies: Vec<(String, String)> = (0..GOOD - 1)
+            .map(|n| {
+                let id = format!("batch-{n}");
+                (id.clone(), mo_xml(&id, "hello", "28444"))
+            })
+            .collect();
+        bodies.push((long.clone(), mo_xml(&long, "hello", "28444")));
+        bodies.insert(GOOD / 2, ("bad".into(), bad.clone()));
+        let client = http_client();
+        let tasks: Vec<_> = bodies
+            .into_iter()
+            .map(|(id, body)| {
+                let (client, url) = (client.clone(), relay.url.clone());
+                tokio::spawn(async move { (id, try_post(&client, &url, body).await) })
+            })
+            .collect();
+        let mut accepted = BTreeSet::new();
+        for task in tasks {
+            let (id, answer) = task.await.unwrap();
+            let answer = answer.unwrap_or_else(|err| panic!("{id}: no answer: {err:?}"));
+            if id == "bad" {
+                assert_eq!(answer.status, 400, "the refused postback: {answer:?}");
+                let error = answer.json["error"].as_str().unwrap_or_default();
+                assert!(error.contains("22P05"), "the database's reason: {error}");
+            } else {
+                assert_eq!(answer.status, 200, "{id}: {answer:?}");
+                assert_eq!(answer.json["status"], "accepted", "{id}: {answer:?}");
+                accepted.insert(id);
+            }
+        }
+        assert_eq!(accepted.len(), GOOD);
+
+        // Nothing lost: the refused body is in the quarantine with the
+        // database's error, and a retry is refused the same way (never 503).
+        let rows = relay.query("SELECT error, body, seen_count FROM quarantine");
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let rusqlite::types::Value::Text(error) = &rows[0][0] else {
+            panic!("{rows:?}")
+        };
+        assert!(error.contains("22P05"), "{error}");
+        assert_eq!(
+            rows[0][1],
+            rusqlite::types::Value::Blob(bad.clone().into_bytes())
+        );
+        let again = try_post(&client, &relay.url, bad).await.expect("an answer");
+        assert_eq!(again.status, 400, "{again:?}");
+        assert_eq!(
+            relay.store.query_int("SELECT seen_count FROM quarantine"),
+            2
+        );
+        assert_eq!(
+            readyz(relay.handle.as_ref().unwrap().admin_addr).await,
+            200,
+            "one refused postback does not make the store unready"
+        );
+
+        eventually(
+            Duration::from_secs(30),
+            "every accepted postback delivered",
+            || {
+                let got: BTreeSet<String> = deliveries(&sink).into_keys().collect();
+                let done = got == accepted;
+                async move { done.then_some(()) }
+            },
+        )
+        .await;
+        relay.shutdown().await;
+    })
     .await;
 }

@@ -325,12 +325,18 @@ pub struct DeadLetterDetail {
     pub content_type: Option<String>,
 }
 
-/// Why the store could not do what was asked; ingest maps every variant to 503.
+/// Why the store could not do what was asked. Ingest answers `Refused`
+/// with 400 (after quarantining the body) and every other variant with 503.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database refused or failed (disk full, locked, I/O error).
     #[error("store error: {0}")]
     Database(String),
+    /// The database refused this one postback's data (a value it cannot
+    /// store): retrying it can never succeed, unlike a [`StoreError::Database`]
+    /// failure; the rest of its batch was committed.
+    #[error("the database refused this postback: {0}")]
+    Refused(String),
     /// The store is shutting down or its writer has stopped.
     #[error("store is closed")]
     Closed,

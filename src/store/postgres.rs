@@ -1113,10 +1113,13 @@ impl Shared {
         };
         match &owners {
             Ok((owners, _)) if !owners.is_empty() => self.ready.store(true, Ordering::Relaxed),
-            Ok(_) => {}
+            Ok(_) | Err(StoreError::Refused(_)) => {}
             Err(error) => self.not_ready(error),
         }
-        for Accept { postback, reply } in batch {
+        for Accept {
+            postback, reply, ..
+        } in batch
+        {
             let key = storable_key(&postback.dedupe_key);
             let answer = match &owners {
                 Err(error) => Err(error.clone()),
@@ -1159,6 +1162,11 @@ impl Shared {
         .await;
         let outcome = match outcome {
             Ok(Ok(owners)) => Ok(owners),
+            // One postback alone, refused for its data: it is the culprit.
+            Ok(Err(err)) if items.len() == 1 && refuses_data(&err) => Err(Failure {
+                per_item: true,
+                error: StoreError::Refused(describe(&err)),
+            }),
             Ok(Err(err)) => Err(Failure {
                 per_item: is_data_error(&err),
                 error: StoreError::Database(describe(&err)),
@@ -1505,8 +1513,18 @@ fn is_data_error(err: &tokio_postgres::Error) -> bool {
     if *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE {
         return true;
     }
-    // 21 cardinality violation, 22 data exception, 23 integrity constraint.
-    matches!(&code.code()[..2], "21" | "22" | "23")
+    // 21 cardinality violation, or a refusal of the data itself.
+    code.code().starts_with("21") || refuses_data(err)
+}
+
+/// Whether the server refused a value it was given, so that sending the same
+/// row again can never succeed: 22 data exception (a character the database
+/// encoding lacks, a value out of range), 23 integrity constraint violation
+/// (the dedupe conflict is expected and handled by `ON CONFLICT`, so any
+/// other), 54 program limit exceeded (an index entry too large).
+fn refuses_data(err: &tokio_postgres::Error) -> bool {
+    err.code()
+        .is_some_and(|code| matches!(&code.code()[..2], "22" | "23" | "54"))
 }
 
 /// The message and SQLSTATE of a server error, or the whole cause chain of a
