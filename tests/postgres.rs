@@ -1004,3 +1004,146 @@ async fn a_row_the_database_refuses_is_answered_400_and_quarantined_while_its_ba
     })
     .await;
 }
+
+/// Waits until `sql` (one integer) is at least `at_least`, on `client`.
+async fn until_at_least(client: &tokio_postgres::Client, sql: &str, at_least: i64) {
+    eventually(Duration::from_secs(10), sql, || async {
+        let got: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
+        (got >= at_least).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_racing_its_original_is_acknowledged_only_once_something_is_committed() {
+    bounded(Duration::from_secs(90), "the racing-retry test", async {
+        let sink = Sink::start().await;
+        let relay = relay_on(TestDatabase::create(), &sink, "").await;
+        let admin = common::pg::connect(&db_url(&relay)).await;
+        // Every commit of an event takes a second (a deferred trigger runs
+        // at COMMIT) and fails as `test_fail` says: all of them, or only the
+        // first one (a sequence is not rolled back with its transaction).
+        admin
+            .batch_execute(
+                r#"
+CREATE SEQUENCE test_commits;
+CREATE TABLE test_fail (mode TEXT NOT NULL);
+CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE m TEXT;
+BEGIN
+    PERFORM pg_sleep(1);
+    SELECT mode INTO m FROM test_fail;
+    IF m = 'all' OR (m = 'first' AND nextval('test_commits') = 1) THEN
+        RAISE EXCEPTION 'commit made to fail by the test';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER test_slow_commit AFTER INSERT ON events
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_slow_commit();
+"#,
+            )
+            .await
+            .expect("install the trigger");
+        let client = http_client();
+        // The original is sent; once its COMMIT is under way, the retry.
+        // The retry must be seen waiting for the original's key.
+        let race = |tracking_id: &'static str| {
+            let (client, url, admin) = (client.clone(), relay.url.clone(), &admin);
+            async move {
+                let body = mo_xml(tracking_id, "hello", "28444");
+                let original = {
+                    let (client, url, body) = (client.clone(), url.clone(), body.clone());
+                    tokio::spawn(async move { try_post(&client, &url, body).await })
+                };
+                until_at_least(
+                    admin,
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event = 'PgSleep'",
+                    1,
+                )
+                .await;
+                let retry = tokio::spawn(async move { try_post(&client, &url, body).await });
+                until_at_least(
+                    admin,
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    1,
+                )
+                .await;
+                let original = original.await.unwrap().expect("original answered");
+                let retry = retry.await.unwrap().expect("retry answered");
+                (original, retry)
+            }
+        };
+        let key_count = |tracking_id: &str| {
+            relay.store.query_int(&format!(
+                "SELECT COUNT(*) FROM dedupe WHERE key = 'MMS_MO|N401|{tracking_id}'"
+            ))
+        };
+
+        // Every commit fails: neither is acknowledged.
+        admin
+            .batch_execute("INSERT INTO test_fail VALUES ('all')")
+            .await
+            .unwrap();
+        let (original, retry) = race("race-all").await;
+        assert_eq!(original.status, 503, "{original:?}");
+        assert_eq!(
+            retry.status, 503,
+            "the retry of a postback whose commit failed: {retry:?}"
+        );
+        assert!(retry.retry_after.is_some(), "{retry:?}");
+        assert_eq!(key_count("race-all"), 0);
+
+        // Only the original's commit fails: the retry is committed on its
+        // own and acknowledged as the original (not as a duplicate of an id
+        // that is on no disk).
+        admin
+            .batch_execute("UPDATE test_fail SET mode = 'first'")
+            .await
+            .unwrap();
+        let (original, retry) = race("race-first").await;
+        assert_eq!(original.status, 503, "{original:?}");
+        assert_eq!(retry.status, 200, "{retry:?}");
+        assert_eq!(retry.json["status"], "accepted", "{retry:?}");
+        let retry_id = retry.json["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            relay.query("SELECT event_id FROM dedupe WHERE key = 'MMS_MO|N401|race-first'"),
+            vec![vec![rusqlite::types::Value::Text(retry_id)]],
+            "the retry owns the key"
+        );
+
+        // Both commit: the retry is a duplicate naming the original, which
+        // is committed by the time the retry is answered.
+        admin.batch_execute("DELETE FROM test_fail").await.unwrap();
+        let (original, retry) = race("race-none").await;
+        assert_eq!(original.status, 200, "{original:?}");
+        assert_eq!(original.json["status"], "accepted", "{original:?}");
+        let original_id = original.json["id"].as_str().unwrap().to_owned();
+        assert_eq!(retry.status, 200, "{retry:?}");
+        assert_eq!(
+            retry.json,
+            serde_json::json!({"status": "duplicate", "id": original_id})
+        );
+        assert_eq!(key_count("race-none"), 1);
+
+        eventually(
+            Duration::from_secs(30),
+            "both acknowledged postbacks delivered",
+            || {
+                let got = counts(&deliveries(&sink));
+                async move { (got.len() == 2).then_some(got) }
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let got = counts(&deliveries(&sink));
+        assert_eq!(
+            got,
+            BTreeMap::from([("race-first".to_owned(), 1), ("race-none".to_owned(), 1)]),
+            "each acknowledged postback once, the unacknowledged one never"
+        );
+        relay.shutdown().await;
+    })
+    .await;
+}

@@ -15,8 +15,12 @@
 //!   takes the key over only when the stored one is older than the window, and
 //!   returns whose key it is. Two instances racing on one key are serialised by
 //!   the key's index entry: the second waits for the first to commit, then sees
-//!   its key and is answered "duplicate". Keys are inserted in sorted order, so
-//!   two batches never wait on each other in a circle.
+//!   its key and is answered "duplicate" (after its own commit, which flushes
+//!   the WAL past the first one's commit: a duplicate is never acknowledged
+//!   before its original is durable). If the first one's transaction fails,
+//!   the second takes the key and is committed as the original. Keys are
+//!   inserted in sorted order, so two batches never wait on each other in a
+//!   circle.
 //! - **Claims** lease due jobs with `FOR UPDATE SKIP LOCKED` by moving their
 //!   `next_at` (and `lease_until`) past the lease: instances never wait on
 //!   each other's claims, and a job claimed by an instance that died is due
