@@ -577,6 +577,7 @@ fn options(url: &str) -> PostgresOptions {
         pool_size: 4,
         lease: None,
         dedupe_window: Duration::from_secs(3600),
+        max_queued_bytes: 64 * 1024 * 1024,
         background: true,
     }
 }
@@ -842,80 +843,13 @@ fn db_url(relay: &TestRelay) -> String {
         .clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accepts_are_flushed_even_when_new_connections_default_to_asynchronous_commit() {
-    bounded(
-        Duration::from_secs(90),
-        "the synchronous_commit test",
-        async {
-            let db = TestDatabase::create();
-            let name = db.name.clone();
-            let sink = Sink::start().await;
-            let relay = relay_on(db, &sink, "").await;
-            let admin = common::pg::connect(&db_url(&relay)).await;
-            // Record the setting each event is committed under.
-            admin
-                .batch_execute(
-                    r#"
-CREATE TABLE test_sync (setting TEXT NOT NULL);
-CREATE FUNCTION test_record_sync() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO test_sync VALUES (current_setting('synchronous_commit'));
-    RETURN NULL;
-END $$;
-CREATE TRIGGER test_record_sync AFTER INSERT ON events
-    FOR EACH ROW EXECUTE FUNCTION test_record_sync();
-"#,
-                )
-                .await
-                .unwrap();
-            // After the relay opened, the database's default turns off, and the
-            // relay's connections are replaced by new ones that get it.
-            admin
-                .batch_execute(&format!(
-                    "ALTER DATABASE {name} SET synchronous_commit = off;
-                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = current_database() AND pid <> pg_backend_pid();"
-                ))
-                .await
-                .unwrap();
-            let fresh = common::pg::connect(&db_url(&relay)).await;
-            let default: String = fresh
-                .query_one("SHOW synchronous_commit", &[])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(default, "off", "new connections get the database's default");
-
-            let client = http_client();
-            for n in 0..5 {
-                let body = mo_xml(&format!("sync-{n}"), "hello", "28444");
-                eventually(
-                    Duration::from_secs(15),
-                    "accepted on new connections",
-                    || {
-                        let (client, url, body) = (client.clone(), relay.url.clone(), body.clone());
-                        async move {
-                            let answer = try_post(&client, &url, body).await.ok()?;
-                            (answer.status == 200).then_some(())
-                        }
-                    },
-                )
-                .await;
-            }
-            let settings = relay.query("SELECT setting FROM test_sync ORDER BY setting");
-            assert_eq!(settings.len(), 5, "{settings:?}");
-            for setting in &settings {
-                assert_eq!(
-                    setting[0],
-                    rusqlite::types::Value::Text("on".into()),
-                    "every accept commits with synchronous_commit on: {settings:?}"
-                );
-            }
-            relay.shutdown().await;
-        },
-    )
-    .await;
+/// Waits until `sql` (one integer) is at least `at_least`, on `client`.
+async fn until_at_least(client: &tokio_postgres::Client, sql: &str, at_least: i64) {
+    eventually(Duration::from_secs(10), sql, || async {
+        let got: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
+        (got >= at_least).then_some(())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1003,15 +937,6 @@ async fn a_row_the_database_refuses_is_answered_400_and_quarantined_while_its_ba
         relay.shutdown().await;
     })
     .await;
-}
-
-/// Waits until `sql` (one integer) is at least `at_least`, on `client`.
-async fn until_at_least(client: &tokio_postgres::Client, sql: &str, at_least: i64) {
-    eventually(Duration::from_secs(10), sql, || async {
-        let got: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
-        (got >= at_least).then_some(())
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1145,5 +1070,172 @@ CREATE CONSTRAINT TRIGGER test_slow_commit AFTER INSERT ON events
         );
         relay.shutdown().await;
     })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_fills_the_byte_bounded_queue_and_the_rest_get_a_fast_503() {
+    bounded(Duration::from_secs(90), "the queue-bound test", async {
+        const SENT: usize = 30;
+        let sink = Sink::start().await;
+        // About 120 kB a postback (body and envelope): a handful fit.
+        let relay = relay_on(
+            TestDatabase::create(),
+            &sink,
+            "  max_queued_bytes: 400000\n",
+        )
+        .await;
+        let admin = common::pg::connect(&db_url(&relay)).await;
+        admin
+            .batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock events");
+        let padding = "p".repeat(60_000);
+        let body = |n: usize| mo_xml(&format!("big-{n}"), &padding, "28444");
+        let client = http_client();
+        let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+        for n in 0..SENT {
+            let (client, url, body, answers) =
+                (client.clone(), relay.url.clone(), body(n), answers.clone());
+            tokio::spawn(async move {
+                let answer = try_post(&client, &url, body).await;
+                let _ = answers.send((n, answer));
+            });
+        }
+        // While the table is locked (and well before the store's own 5 s
+        // limit on a statement), the postbacks beyond the bound are answered.
+        let mut while_locked = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(4), async {
+            while while_locked.len() < SENT - 10 {
+                match answered.recv().await {
+                    Some(answer) => while_locked.push(answer),
+                    None => break,
+                }
+            }
+        })
+        .await;
+        admin.batch_execute("ROLLBACK").await.expect("unlock");
+        assert!(
+            while_locked.len() >= SENT - 10,
+            "only {} of {SENT} answered while the database was stalled",
+            while_locked.len()
+        );
+        let mut refused = BTreeSet::new();
+        for (n, answer) in &while_locked {
+            let answer = answer.as_ref().expect("an answer");
+            assert_eq!(answer.status, 503, "big-{n} while stalled: {answer:?}");
+            assert!(answer.retry_after.is_some(), "{answer:?}");
+            refused.insert(*n);
+        }
+        // The queued ones are committed once the lock is gone.
+        let mut acknowledged = BTreeSet::new();
+        while refused.len() + acknowledged.len() < SENT {
+            let (n, answer) = answered.recv().await.expect("every request answers");
+            let answer = answer.expect("an answer");
+            match answer.status {
+                200 => acknowledged.insert(n),
+                503 => refused.insert(n),
+                other => panic!("big-{n}: {other} {answer:?}"),
+            };
+        }
+        assert!(!acknowledged.is_empty(), "the queue itself was committed");
+        // Sinch sends the refused ones again: now they are accepted.
+        for n in refused.clone() {
+            let answer = try_post(&client, &relay.url, body(n))
+                .await
+                .expect("answer");
+            assert_eq!(answer.status, 200, "big-{n} again: {answer:?}");
+        }
+        let expected: BTreeSet<String> = (0..SENT).map(|n| format!("big-{n}")).collect();
+        eventually(Duration::from_secs(30), "every postback delivered", || {
+            let got: BTreeSet<String> = deliveries(&sink).into_keys().collect();
+            let done = got == expected;
+            async move { done.then_some(()) }
+        })
+        .await;
+        println!(
+            "{SENT} postbacks of ~120 kB against a locked table with a 400 kB queue: {} queued \
+             and acknowledged after the unlock, {} refused at once",
+            acknowledged.len(),
+            SENT - acknowledged.len()
+        );
+        relay.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_are_flushed_even_when_new_connections_default_to_asynchronous_commit() {
+    bounded(
+        Duration::from_secs(90),
+        "the synchronous_commit test",
+        async {
+            let db = TestDatabase::create();
+            let name = db.name.clone();
+            let sink = Sink::start().await;
+            let relay = relay_on(db, &sink, "").await;
+            let admin = common::pg::connect(&db_url(&relay)).await;
+            // Record the setting each event is committed under.
+            admin
+                .batch_execute(
+                    r#"
+CREATE TABLE test_sync (setting TEXT NOT NULL);
+CREATE FUNCTION test_record_sync() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO test_sync VALUES (current_setting('synchronous_commit'));
+    RETURN NULL;
+END $$;
+CREATE TRIGGER test_record_sync AFTER INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION test_record_sync();
+"#,
+                )
+                .await
+                .unwrap();
+            // After the relay opened, the database's default turns off, and the
+            // relay's connections are replaced by new ones that get it.
+            admin
+                .batch_execute(&format!(
+                    "ALTER DATABASE {name} SET synchronous_commit = off;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid();"
+                ))
+                .await
+                .unwrap();
+            let fresh = common::pg::connect(&db_url(&relay)).await;
+            let default: String = fresh
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(default, "off", "new connections get the database's default");
+
+            let client = http_client();
+            for n in 0..5 {
+                let body = mo_xml(&format!("sync-{n}"), "hello", "28444");
+                eventually(
+                    Duration::from_secs(15),
+                    "accepted on new connections",
+                    || {
+                        let (client, url, body) = (client.clone(), relay.url.clone(), body.clone());
+                        async move {
+                            let answer = try_post(&client, &url, body).await.ok()?;
+                            (answer.status == 200).then_some(())
+                        }
+                    },
+                )
+                .await;
+            }
+            let settings = relay.query("SELECT setting FROM test_sync ORDER BY setting");
+            assert_eq!(settings.len(), 5, "{settings:?}");
+            for setting in &settings {
+                assert_eq!(
+                    setting[0],
+                    rusqlite::types::Value::Text("on".into()),
+                    "every accept commits with synchronous_commit on: {settings:?}"
+                );
+            }
+            relay.shutdown().await;
+        },
+    )
     .await;
 }

@@ -67,6 +67,7 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
                     pool_size: store.pool_size,
                     lease: store.lease.map(|lease| lease.0),
                     dedupe_window: config.ingest.dedupe_window.0,
+                    max_queued_bytes: store.max_queued_bytes,
                     background: true,
                 })
                 .await?,

@@ -11,6 +11,14 @@
 //!   whatever the server's, database's or role's default, on every connection
 //!   (also behind a transaction-pooling proxy, where a session setting would
 //!   not stick). Callers hear "accepted" only after `COMMIT` returned.
+//! - The queue of postbacks waiting for a writer is bounded in bytes
+//!   (`store.max_queued_bytes`, bodies and envelopes): beyond it a postback
+//!   is refused at once (503, Sinch retries) instead of piling up in memory
+//!   while the server is slow.
+//! - A row the server refuses for its data (SQLSTATE classes 22, 23, 54)
+//!   fails its batch; the batch is then written again one postback per
+//!   transaction, so only the culprit is refused ([`StoreError::Refused`]:
+//!   ingest quarantines it and answers 400) and the rest are committed.
 //! - **Dedupe** is a unique key: `INSERT ... ON CONFLICT (key) DO UPDATE` that
 //!   takes the key over only when the stored one is older than the window, and
 //!   returns whose key it is. Two instances racing on one key are serialised by
@@ -39,7 +47,7 @@
 //!   succeeds again.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -299,6 +307,9 @@ pub struct PostgresOptions {
     pub lease: Option<Duration>,
     /// A postback seen again within this window is a duplicate.
     pub dedupe_window: Duration,
+    /// Bytes (envelopes and bodies) of postbacks waiting for a writer or
+    /// being written; beyond it, accepts fail at once.
+    pub max_queued_bytes: usize,
     /// Start the accept writers and the janitor (the daemon); a command-line
     /// tool beside running relays needs neither.
     pub background: bool,
@@ -311,6 +322,7 @@ impl std::fmt::Debug for PostgresOptions {
             .field("pool_size", &self.pool_size)
             .field("lease", &self.lease)
             .field("dedupe_window", &self.dedupe_window)
+            .field("max_queued_bytes", &self.max_queued_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -354,6 +366,10 @@ pub struct PostgresStore {
     shared: Arc<Shared>,
     /// Postbacks on their way to the accept writers.
     accepts: mpsc::Sender<Accept>,
+    /// Bytes held by the postbacks queued or being written.
+    queued_bytes: Arc<AtomicUsize>,
+    /// `store.max_queued_bytes`.
+    max_queued_bytes: usize,
     /// Tells the writers to answer what is queued and stop, and the janitor
     /// to stop.
     closing: CancellationToken,
@@ -381,6 +397,24 @@ struct Accept {
     postback: NewPostback,
     /// Answered after the commit (or its failure).
     reply: oneshot::Sender<Result<Acceptance, StoreError>>,
+    /// Its bytes in the queue's count, given back when it is dropped
+    /// (answered, or dropped unanswered at close).
+    _held: QueuedBytes,
+}
+
+/// Bytes of one postback counted in [`PostgresStore::queued_bytes`] until
+/// dropped.
+struct QueuedBytes {
+    /// The count it is part of.
+    count: Arc<AtomicUsize>,
+    /// Its share.
+    bytes: usize,
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Why a write failed, and whether its items may succeed one by one.
@@ -460,9 +494,30 @@ impl PostgresStore {
         Ok(PostgresStore {
             shared,
             accepts,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            max_queued_bytes: options.max_queued_bytes,
             closing,
             tasks: Mutex::new(tasks),
         })
+    }
+
+    /// Counts a postback's bytes into the queue, or refuses it at once when
+    /// the queue is full (one postback is always let into an empty queue).
+    fn hold(&self, postback: &NewPostback) -> Result<QueuedBytes, StoreError> {
+        let bytes = postback.envelope.len() + postback.raw_body.len();
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let held = QueuedBytes {
+            count: self.queued_bytes.clone(),
+            bytes,
+        };
+        if before > 0 && before + bytes > self.max_queued_bytes {
+            return Err(StoreError::Database(format!(
+                "{before} bytes of postbacks are waiting for PostgreSQL \
+                 (store.max_queued_bytes: {}); try again later",
+                self.max_queued_bytes
+            )));
+        }
+        Ok(held)
     }
 }
 
@@ -473,9 +528,14 @@ impl Store for PostgresStore {
         postback: NewPostback,
         on_commit: Option<OnCommit>,
     ) -> Result<Acceptance, StoreError> {
+        let held = self.hold(&postback)?;
         let (reply, answer) = oneshot::channel();
         self.accepts
-            .send(Accept { postback, reply })
+            .send(Accept {
+                postback,
+                reply,
+                _held: held,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         let acceptance = answer.await.map_err(|_| StoreError::Closed)??;
