@@ -382,6 +382,11 @@ pub struct StoreConfig {
     /// that claimed it; after a crash, another instance takes it over once
     /// the lease ends. Default: per target, `2 × timeout + 30s`.
     pub lease: Option<HumanDuration>,
+    /// PostgreSQL: bytes (bodies and envelopes) of postbacks waiting to be
+    /// committed; beyond it postbacks are answered 503 at once, so a slow
+    /// server cannot make the relay hold gigabytes in memory.
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -396,6 +401,7 @@ impl Default for StoreConfig {
             password: None,
             pool_size: default_pool_size(),
             lease: None,
+            max_queued_bytes: default_max_queued_bytes(),
         }
     }
 }
@@ -663,6 +669,9 @@ fn default_admin_listen() -> SocketAddr {
 }
 fn default_ingest_path() -> String {
     "/sinch/postback".to_owned()
+}
+fn default_max_queued_bytes() -> usize {
+    64 * 1024 * 1024
 }
 fn default_max_body_bytes() -> usize {
     1024 * 1024

@@ -3,8 +3,9 @@
 //! read the body, parse, route, commit, answer. Delivery happens elsewhere.
 //!
 //! The one rule: 200 only after the store has committed the postback and its
-//! jobs. Store errors become 503 (Sinch retries later); unparseable bodies are
-//! quarantined, then answered 400.
+//! jobs. Store errors become 503 (Sinch retries later); unparseable bodies,
+//! and bodies the database refuses to store, are quarantined, then answered
+//! 400.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -201,8 +202,8 @@ impl Ingest {
     ) -> (Outcome, HttpResponse) {
         let (mut new, decision) = prepare(
             &postback,
-            body,
-            content_type,
+            body.clone(),
+            content_type.clone(),
             received_at_ms,
             &self.router.get(),
             &self.source,
@@ -244,6 +245,12 @@ impl Ingest {
                         &json!({"status": "duplicate", "id": original_id}),
                     ),
                 )
+            }
+            Err(StoreError::Refused(reason)) => {
+                // Sending it again cannot help: keep it for an operator.
+                log("refused", &id);
+                self.quarantine(reason, body, content_type, received_at_ms)
+                    .await
             }
             Err(err) => {
                 log("error", &id);
@@ -299,14 +306,16 @@ impl Ingest {
         })
     }
 
+    /// Keeps a body that cannot be committed as a postback (the parser or
+    /// the database refused it), then answers 400.
     async fn quarantine(
         &self,
-        parse_error: postback::ParseError,
+        reason: impl std::fmt::Display,
         body: Bytes,
         content_type: Option<String>,
         received_at_ms: i64,
     ) -> (Outcome, HttpResponse) {
-        let message = parse_error.to_string();
+        let message = reason.to_string();
         let entry = QuarantineEntry {
             body_hash: hex::encode(Sha256::digest(&body)),
             body,
@@ -406,17 +415,32 @@ pub fn prepare(
     (new, decision)
 }
 
+/// Longest dedupe key stored as it is. Longer ones (a tracking id of
+/// thousands of characters) are stored as `sha256:<hex>` of the whole key, on
+/// both backends alike: an index entry has a size limit (PostgreSQL's btree
+/// refuses entries above ~2.7 kB), and a key is compared, never shown.
+pub const MAX_DEDUPE_KEY_BYTES: usize = 200;
+
 /// Retries of one postback must map to one key. N101 and N102 share a tracking
 /// id, so origin and code are part of it; without a tracking id the body is the
-/// only identity there is.
+/// only identity there is. A digest never collides with a readable key
+/// (those contain `|`), nor with a body hash: the bytes hashed are the key,
+/// which is no postback body.
 fn dedupe_key(postback: &Postback, body: &[u8]) -> String {
     match postback.tracking_id() {
-        Some(tracking_id) => format!(
-            "{}|{}|{}",
-            postback.origin().trim().to_ascii_uppercase(),
-            postback.code().trim().to_ascii_uppercase(),
-            tracking_id
-        ),
+        Some(tracking_id) => {
+            let key = format!(
+                "{}|{}|{}",
+                postback.origin().trim().to_ascii_uppercase(),
+                postback.code().trim().to_ascii_uppercase(),
+                tracking_id
+            );
+            if key.len() > MAX_DEDUPE_KEY_BYTES {
+                format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+            } else {
+                key
+            }
+        }
         None => format!("sha256:{}", hex::encode(Sha256::digest(body))),
     }
 }

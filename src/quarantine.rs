@@ -1,5 +1,5 @@
-//! The quarantine: bodies the parser refused, kept so nothing Sinch sent is
-//! lost. Operators list them and, once the parser is fixed (or the sender's
+//! The quarantine: bodies the parser (or the database) refused, kept so
+//! nothing Sinch sent is lost. Operators list them and, once the parser is fixed (or the sender's
 //! mistake understood), re-ingest them: a body that now parses is routed and
 //! committed exactly as if it had just arrived (with its first arrival as the
 //! receive time), then leaves the quarantine. Beyond `quarantine.max_bytes`
@@ -26,9 +26,10 @@ pub enum Replayed {
         /// The id it was accepted under.
         original_id: String,
     },
-    /// Still not a postback; it stays in the quarantine.
+    /// Still not a postback (or still refused by the database); it stays in
+    /// the quarantine.
     StillInvalid {
-        /// Today's parse error.
+        /// Today's parse (or database) error.
         error: String,
     },
     /// Only its prefix was kept (the budget was spent): refused, it stays.
@@ -74,12 +75,15 @@ pub async fn replay_body(
         source,
     );
     let id = new.id.clone();
-    let outcome = match store.accept(new, None).await? {
-        Acceptance::Accepted => Replayed::Accepted {
+    let outcome = match store.accept(new, None).await {
+        Ok(Acceptance::Accepted) => Replayed::Accepted {
             id,
             targets: decision.targets,
         },
-        Acceptance::Duplicate { original_id } => Replayed::Duplicate { original_id },
+        Ok(Acceptance::Duplicate { original_id }) => Replayed::Duplicate { original_id },
+        // The database still refuses it: it stays.
+        Err(StoreError::Refused(error)) => return Ok(Replayed::StillInvalid { error }),
+        Err(err) => return Err(err),
     };
     // Committed (or already there): the quarantine copy is done with.
     store

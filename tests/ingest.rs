@@ -840,6 +840,57 @@ async fn n101_and_n102_are_not_duplicates_but_their_retries_are() {
     relay.shutdown().await;
 }
 
+/// A tracking id of `len` hex digits that does not compress (PostgreSQL
+/// compresses a long repetitive value until it fits in an index entry).
+fn incompressible_id(len: usize) -> String {
+    let mut id = String::with_capacity(len + 64);
+    let mut n = 0u32;
+    while id.len() < len {
+        id.push_str(&hex::encode(Sha256::digest(n.to_be_bytes())));
+        n += 1;
+    }
+    id.truncate(len);
+    id
+}
+
+#[tokio::test]
+async fn a_very_long_tracking_id_is_kept_as_a_digest_and_deduplicated() {
+    // 8,000 characters: more than a PostgreSQL btree entry may hold, so the
+    // key is stored as its digest (on both backends alike).
+    let sink = Sink::start().await;
+    let relay = start_relay(&archive_to(&sink)).await;
+    let tracking_id = incompressible_id(8000);
+    let body = mo_json(&tracking_id);
+    let (status, first) = post(&relay.url, Some("application/json"), body.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["status"], "accepted", "{first}");
+    let envelope = delivered(&sink, first["id"].as_str().unwrap()).await;
+    assert_eq!(
+        envelope["data"]["tracking_id"].as_str(),
+        Some(tracking_id.as_str()),
+        "the envelope keeps the whole tracking id"
+    );
+    let (status, again) = post(&relay.url, Some("application/json"), body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again, json!({"status": "duplicate", "id": first["id"]}));
+
+    let key = format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(format!("MMS_MO|N401|{tracking_id}")))
+    );
+    relay
+        .eventually_int(
+            WAIT,
+            &format!("SELECT COUNT(*) FROM dedupe WHERE key = '{key}'"),
+            1,
+        )
+        .await;
+    assert_eq!(count(&relay, "SELECT COUNT(*) FROM dedupe"), 1);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(sink.received_on("/inbox").len(), 1, "delivered once");
+    relay.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // 5. HTTP errors and malformed bodies
 // ---------------------------------------------------------------------------

@@ -73,6 +73,7 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
                     lease: store.lease.map(|lease| lease.0),
                     dedupe_window: config.ingest.dedupe_window.0,
                     quarantine: QuarantineLimits::from(&config.quarantine),
+                    max_queued_bytes: store.max_queued_bytes,
                     background: true,
                 })
                 .await?,
@@ -142,7 +143,9 @@ pub const NO_ROUTE_TARGET: &str = "(no route)";
 pub struct NewPostback {
     /// Envelope id (ULID) assigned by the ingest side.
     pub id: String,
-    /// `origin|code|tracking-id`, or the body hash when there is no tracking id.
+    /// `origin|code|tracking-id`, or the body hash when there is no tracking
+    /// id; at most [`crate::ingest::MAX_DEDUPE_KEY_BYTES`] long (longer keys
+    /// are replaced by their digest where they are built).
     pub dedupe_key: String,
     /// When ingest received it.
     pub received_at_ms: i64,
@@ -399,12 +402,18 @@ pub struct DeadLetterDetail {
     pub content_type: Option<String>,
 }
 
-/// Why the store could not do what was asked; ingest maps every variant to 503.
+/// Why the store could not do what was asked. Ingest answers `Refused`
+/// with 400 (after quarantining the body) and every other variant with 503.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database refused or failed (disk full, locked, I/O error).
     #[error("store error: {0}")]
     Database(String),
+    /// The database refused this one postback's data (a value it cannot
+    /// store): retrying it can never succeed, unlike a [`StoreError::Database`]
+    /// failure; the rest of its batch was committed.
+    #[error("the database refused this postback: {0}")]
+    Refused(String),
     /// The store is shutting down or its writer has stopped.
     #[error("store is closed")]
     Closed,

@@ -6,15 +6,29 @@
 //!   pooled connection. A writer takes every postback waiting and commits them
 //!   with one statement in one transaction (`BEGIN`, the statement and `COMMIT`
 //!   pipelined: one round trip and one WAL flush per batch). The commit waits
-//!   for the WAL flush: if the server's `synchronous_commit` is `off` when the
-//!   store opens, accepts turn it on for their own transaction (and a warning
-//!   is logged). Callers hear "accepted" only after `COMMIT` returned.
+//!   for the WAL flush: every transaction whose commit is acknowledged sets
+//!   `synchronous_commit` on for itself (`SET LOCAL`, in the same round trip),
+//!   whatever the server's, database's or role's default, on every connection
+//!   (also behind a transaction-pooling proxy, where a session setting would
+//!   not stick). Callers hear "accepted" only after `COMMIT` returned.
+//! - The queue of postbacks waiting for a writer is bounded in bytes
+//!   (`store.max_queued_bytes`, bodies and envelopes): beyond it a postback
+//!   is refused at once (503, Sinch retries) instead of piling up in memory
+//!   while the server is slow.
+//! - A row the server refuses for its data (SQLSTATE classes 22, 23, 54)
+//!   fails its batch; the batch is then written again one postback per
+//!   transaction, so only the culprit is refused ([`StoreError::Refused`]:
+//!   ingest quarantines it and answers 400) and the rest are committed.
 //! - **Dedupe** is a unique key: `INSERT ... ON CONFLICT (key) DO UPDATE` that
 //!   takes the key over only when the stored one is older than the window, and
 //!   returns whose key it is. Two instances racing on one key are serialised by
 //!   the key's index entry: the second waits for the first to commit, then sees
-//!   its key and is answered "duplicate". Keys are inserted in sorted order, so
-//!   two batches never wait on each other in a circle.
+//!   its key and is answered "duplicate" (after its own commit, which flushes
+//!   the WAL past the first one's commit: a duplicate is never acknowledged
+//!   before its original is durable). If the first one's transaction fails,
+//!   the second takes the key and is committed as the original. Keys are
+//!   inserted in sorted order, so two batches never wait on each other in a
+//!   circle.
 //! - **Claims** lease due jobs with `FOR UPDATE SKIP LOCKED` by moving their
 //!   `next_at` (and `lease_until`) past the lease: instances never wait on
 //!   each other's claims, and a job claimed by an instance that died is due
@@ -33,7 +47,7 @@
 //!   succeeds again.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -319,7 +333,9 @@ const PRUNE_DEDUPE_SQL: &str = "DELETE FROM dedupe WHERE key IN \
 /// Starts a transaction whose commit does not wait for the WAL flush.
 const BEGIN_BOOKKEEPING: &str = "BEGIN; SET LOCAL synchronous_commit TO OFF";
 /// Starts a transaction whose commit waits for the WAL flush even where the
-/// server's default says otherwise.
+/// server's, database's or role's default says otherwise (set per
+/// transaction: a default can change, and a pooling proxy may hand each
+/// transaction another server connection).
 const BEGIN_FLUSHED: &str = "BEGIN; SET LOCAL synchronous_commit TO ON";
 
 /// Options the PostgreSQL store is opened with.
@@ -337,6 +353,9 @@ pub struct PostgresOptions {
     pub dedupe_window: Duration,
     /// The quarantine's budget and retention.
     pub quarantine: QuarantineLimits,
+    /// Bytes (envelopes and bodies) of postbacks waiting for a writer or
+    /// being written; beyond it, accepts fail at once.
+    pub max_queued_bytes: usize,
     /// Start the accept writers and the janitor (the daemon); a command-line
     /// tool beside running relays needs neither.
     pub background: bool,
@@ -349,6 +368,7 @@ impl std::fmt::Debug for PostgresOptions {
             .field("pool_size", &self.pool_size)
             .field("lease", &self.lease)
             .field("dedupe_window", &self.dedupe_window)
+            .field("max_queued_bytes", &self.max_queued_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -392,6 +412,10 @@ pub struct PostgresStore {
     shared: Arc<Shared>,
     /// Postbacks on their way to the accept writers.
     accepts: mpsc::Sender<Accept>,
+    /// Bytes held by the postbacks queued or being written.
+    queued_bytes: Arc<AtomicUsize>,
+    /// `store.max_queued_bytes`.
+    max_queued_bytes: usize,
     /// Tells the writers to answer what is queued and stop, and the janitor
     /// to stop.
     closing: CancellationToken,
@@ -413,9 +437,6 @@ struct Shared {
     quarantine: QuarantineLimits,
     /// This instance's row in `heartbeat`.
     instance: String,
-    /// The server does not flush commits by default (`synchronous_commit =
-    /// off`): what is acknowledged asks for it itself.
-    force_flush: AtomicBool,
 }
 
 /// One postback waiting for a writer, with the channel its caller waits on.
@@ -424,6 +445,24 @@ struct Accept {
     postback: NewPostback,
     /// Answered after the commit (or its failure).
     reply: oneshot::Sender<Result<Acceptance, StoreError>>,
+    /// Its bytes in the queue's count, given back when it is dropped
+    /// (answered, or dropped unanswered at close).
+    _held: QueuedBytes,
+}
+
+/// Bytes of one postback counted in [`PostgresStore::queued_bytes`] until
+/// dropped.
+struct QueuedBytes {
+    /// The count it is part of.
+    count: Arc<AtomicUsize>,
+    /// Its share.
+    bytes: usize,
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Why a write failed, and whether its items may succeed one by one.
@@ -478,15 +517,8 @@ impl PostgresStore {
             dedupe_window_ms: options.dedupe_window.as_millis() as i64,
             quarantine: options.quarantine,
             instance: instance_name(),
-            force_flush: AtomicBool::new(false),
         });
         let version = shared.migrate().await?;
-        if shared.force_flush.load(Ordering::Relaxed) {
-            tracing::warn!(
-                "the server has synchronous_commit = off: postbacks are committed with it on \
-                 (a 200 must survive a crash of the database)"
-            );
-        }
         tracing::info!(
             database = %describe_url(&options.url), schema_version = version,
             pool_size = options.pool_size, "PostgreSQL store ready"
@@ -514,9 +546,30 @@ impl PostgresStore {
         Ok(PostgresStore {
             shared,
             accepts,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            max_queued_bytes: options.max_queued_bytes,
             closing,
             tasks: Mutex::new(tasks),
         })
+    }
+
+    /// Counts a postback's bytes into the queue, or refuses it at once when
+    /// the queue is full (one postback is always let into an empty queue).
+    fn hold(&self, postback: &NewPostback) -> Result<QueuedBytes, StoreError> {
+        let bytes = postback.envelope.len() + postback.raw_body.len();
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let held = QueuedBytes {
+            count: self.queued_bytes.clone(),
+            bytes,
+        };
+        if before > 0 && before + bytes > self.max_queued_bytes {
+            return Err(StoreError::Database(format!(
+                "{before} bytes of postbacks are waiting for PostgreSQL \
+                 (store.max_queued_bytes: {}); try again later",
+                self.max_queued_bytes
+            )));
+        }
+        Ok(held)
     }
 }
 
@@ -527,9 +580,14 @@ impl Store for PostgresStore {
         postback: NewPostback,
         on_commit: Option<OnCommit>,
     ) -> Result<Acceptance, StoreError> {
+        let held = self.hold(&postback)?;
         let (reply, answer) = oneshot::channel();
         self.accepts
-            .send(Accept { postback, reply })
+            .send(Accept {
+                postback,
+                reply,
+                _held: held,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         let acceptance = answer.await.map_err(|_| StoreError::Closed)??;
@@ -1038,12 +1096,6 @@ impl Shared {
                 tracing::info!(version = index + 1, "PostgreSQL schema migrated");
             }
             tx.commit().await?;
-            let synchronous_commit: String = client
-                .query_one("SHOW synchronous_commit", &[])
-                .await?
-                .get(0);
-            self.force_flush
-                .store(synchronous_commit == "off", Ordering::Relaxed);
             Ok::<_, tokio_postgres::Error>(Ok(MIGRATIONS.len()))
         };
         match tokio::time::timeout(Duration::from_secs(60), work).await {
@@ -1114,13 +1166,10 @@ impl Shared {
         outcome
     }
 
-    /// `BEGIN` for what is acknowledged: flushed at commit.
+    /// `BEGIN` for what is acknowledged: flushed at commit, on every
+    /// connection and whatever the defaults (see [`BEGIN_FLUSHED`]).
     fn durable_begin(&self) -> &'static str {
-        if self.force_flush.load(Ordering::Relaxed) {
-            BEGIN_FLUSHED
-        } else {
-            "BEGIN"
-        }
+        BEGIN_FLUSHED
     }
 
     fn not_ready(&self, error: &StoreError) {
@@ -1205,10 +1254,13 @@ impl Shared {
         };
         match &owners {
             Ok((owners, _)) if !owners.is_empty() => self.ready.store(true, Ordering::Relaxed),
-            Ok(_) => {}
+            Ok(_) | Err(StoreError::Refused(_)) => {}
             Err(error) => self.not_ready(error),
         }
-        for Accept { postback, reply } in batch {
+        for Accept {
+            postback, reply, ..
+        } in batch
+        {
             let key = storable_key(&postback.dedupe_key);
             let answer = match &owners {
                 Err(error) => Err(error.clone()),
@@ -1251,6 +1303,11 @@ impl Shared {
         .await;
         let outcome = match outcome {
             Ok(Ok(owners)) => Ok(owners),
+            // One postback alone, refused for its data: it is the culprit.
+            Ok(Err(err)) if items.len() == 1 && refuses_data(&err) => Err(Failure {
+                per_item: true,
+                error: StoreError::Refused(describe(&err)),
+            }),
             Ok(Err(err)) => Err(Failure {
                 per_item: is_data_error(&err),
                 error: StoreError::Database(describe(&err)),
@@ -1639,8 +1696,18 @@ fn is_data_error(err: &tokio_postgres::Error) -> bool {
     if *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE {
         return true;
     }
-    // 21 cardinality violation, 22 data exception, 23 integrity constraint.
-    matches!(&code.code()[..2], "21" | "22" | "23")
+    // 21 cardinality violation, or a refusal of the data itself.
+    code.code().starts_with("21") || refuses_data(err)
+}
+
+/// Whether the server refused a value it was given, so that sending the same
+/// row again can never succeed: 22 data exception (a character the database
+/// encoding lacks, a value out of range), 23 integrity constraint violation
+/// (the dedupe conflict is expected and handled by `ON CONFLICT`, so any
+/// other), 54 program limit exceeded (an index entry too large).
+fn refuses_data(err: &tokio_postgres::Error) -> bool {
+    err.code()
+        .is_some_and(|code| matches!(&code.code()[..2], "22" | "23" | "54"))
 }
 
 /// The message and SQLSTATE of a server error, or the whole cause chain of a

@@ -88,6 +88,16 @@ impl TestDatabase {
 
     /// A new database on the server at `server` (a URL to any database).
     pub fn create_on(server: &str) -> TestDatabase {
+        TestDatabase::create_on_with(server, "")
+    }
+
+    /// A new database on the tests' server, made with `options` after
+    /// `CREATE DATABASE name` (e.g. another encoding).
+    pub fn create_with(options: &str) -> TestDatabase {
+        TestDatabase::create_on_with(&server_url(), options)
+    }
+
+    fn create_on_with(server: &str, options: &str) -> TestDatabase {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "relay_test_{}_{}_{}",
@@ -95,7 +105,7 @@ impl TestDatabase {
             COUNTER.fetch_add(1, Ordering::SeqCst),
             ulid::Ulid::generate().to_string().to_lowercase()
         );
-        let statement = format!("CREATE DATABASE {name}");
+        let statement = format!("CREATE DATABASE {name} {options}");
         let url = server.to_owned();
         block_on(async move {
             let client = connect(&url).await;
