@@ -875,6 +875,8 @@ impl Config {
             }
         }
         self.validate_store(problems);
+        // Zero would delete every refused body within moments of its arrival.
+        problems.positive("quarantine.retention", self.quarantine.retention);
         self.validate_delivery(problems);
         for (name, target) in &self.targets {
             target.validate(&format!("targets.{name}"), &self.delivery, problems);
@@ -1385,13 +1387,16 @@ mod tests {
     fn every_problem_of_a_file_is_reported_at_once() {
         let problems = load(
             "delivery:\n  timeout: 0s\n  concurrency: 0\n  backoff: {initial: 20m, max: 10m, multiplier: 0.5}\n\
-             ingest: {max_connections: many}\n\
+             ingest: {max_connections: many, max_connections_per_source: 0}\n\
+             quarantine: {retention: 0s}\n\
              targets:\n  inbox:\n    url: http://127.0.0.1:9/\n    timout: 5s\n    secret: hunter2\n    timeout: 0s\n    backoff: {max: 1s}\n\
              routes:\n  - targets: [inbx]\n  - targets: [inbox]\n    match: {colour: red}\n",
         )
         .unwrap_err();
         assert!(problem(&problems, "delivery.timeout").contains("0s"));
         assert!(problem(&problems, "delivery.concurrency").contains("at least 1"));
+        assert!(problem(&problems, "quarantine.retention").contains("0s"));
+        problem(&problems, "ingest.max_connections_per_source");
         let backoff = problem(&problems, "delivery.backoff.initial");
         assert!(
             backoff.contains("20m") && backoff.contains("10m"),
@@ -1409,7 +1414,7 @@ mod tests {
         assert!(problem(&problems, "targets.inbox.backoff.max").contains("initial"));
         assert!(problem(&problems, "routes[0].targets").contains("did you mean `inbox`?"));
         assert!(problem(&problems, "routes[1].match.colour").contains("unknown key"));
-        assert_eq!(problems.len(), 11, "{problems:#?}");
+        assert_eq!(problems.len(), 13, "{problems:#?}");
     }
 
     #[test]
