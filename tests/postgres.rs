@@ -828,8 +828,10 @@ async fn relay_on(db: TestDatabase, sink: &Sink, store_extra: &str) -> TestRelay
         db: Some(db),
         store_extra: store_extra.to_owned(),
     };
+    // These tests post 30 postbacks at once, each on its own connection
+    // from 127.0.0.1: above the per-source cap of 8.
     let rest = format!(
-        "{DELIVERY}targets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
+        "{DELIVERY}ingest: {{max_connections_per_source: 64}}\ntargets:\n  inbox: {{url: \"{}\"}}\nroutes:\n  - targets: [inbox]\n",
         sink.url("/inbox")
     );
     start_relay_in(store, &rest).await
