@@ -2006,15 +2006,22 @@ mod tests {
         release
     }
 
+    /// Accepts postback `id` (dedupe key "key") on a task of its own, as a
+    /// request would.
+    fn accept_on_a_task(
+        store: &Arc<SqliteStore>,
+        id: &'static str,
+    ) -> tokio::task::JoinHandle<Result<Acceptance, StoreError>> {
+        let store = store.clone();
+        tokio::spawn(async move { store.accept(new_postback(id, "key"), None).await })
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_duplicate_waits_for_the_originals_fdatasync_and_fails_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(options(dir.path(), SyncMode::Full)).unwrap());
         let release = gated_sync(&store);
-        let original = tokio::spawn({
-            let store = store.clone();
-            async move { store.accept(new_postback("first", "key"), None).await }
-        });
+        let original = accept_on_a_task(&store, "first");
         // The writer moves the original into SQLite meanwhile: the retry
         // must not be answered from there either.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -2022,10 +2029,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never moved");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let retry = tokio::spawn({
-            let store = store.clone();
-            async move { store.accept(new_postback("second", "key"), None).await }
-        });
+        let retry = accept_on_a_task(&store, "second");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             !retry.is_finished(),
@@ -2051,15 +2055,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(options(dir.path(), SyncMode::Full)).unwrap());
         let release = gated_sync(&store);
-        let original = tokio::spawn({
-            let store = store.clone();
-            async move { store.accept(new_postback("first", "key"), None).await }
-        });
+        let original = accept_on_a_task(&store, "first");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let retry = tokio::spawn({
-            let store = store.clone();
-            async move { store.accept(new_postback("second", "key"), None).await }
-        });
+        let retry = accept_on_a_task(&store, "second");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!retry.is_finished(), "answered before the original's sync");
         release.send(Ok(())).unwrap();
