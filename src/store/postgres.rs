@@ -1328,6 +1328,42 @@ impl Shared {
         outcome
     }
 
+    /// Runs `sql`, a DELETE of at most `$2` rows older than `$1`, again while
+    /// it deletes a full batch, at most `rounds` times (or until closing):
+    /// a backlog is cleared without one statement holding locks for long.
+    /// Returns the rows deleted; a failure is logged and ends the round.
+    async fn delete_in_batches(
+        &self,
+        sql: &'static str,
+        before: i64,
+        limit: i64,
+        rounds: usize,
+        closing: &CancellationToken,
+        what: &str,
+    ) -> u64 {
+        let mut total = 0;
+        for _ in 0..rounds {
+            let result = self
+                .with_client(false, async |client: &Object| {
+                    client.execute(sql, &[&before, &limit]).await
+                })
+                .await;
+            match result {
+                Ok(deleted) => {
+                    total += deleted;
+                    if deleted < limit as u64 || closing.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not delete {what}");
+                    break;
+                }
+            }
+        }
+        total
+    }
+
     /// Deletes quarantined bodies past `quarantine.retention` every
     /// [`QuarantineLimits::prune_every`], in bounded statements.
     async fn run_quarantine_janitor(self: Arc<Self>, closing: CancellationToken) {
@@ -1337,28 +1373,16 @@ impl Shared {
                 () = closing.cancelled() => return,
             }
             let before = self.quarantine.expired_before_ms();
-            let mut total = 0;
-            loop {
-                let result = self
-                    .with_client(false, async |client: &Object| {
-                        client
-                            .execute(PRUNE_QUARANTINE_SQL, &[&before, &QUARANTINE_PRUNE_LIMIT])
-                            .await
-                    })
-                    .await;
-                match result {
-                    Ok(pruned) => {
-                        total += pruned;
-                        if pruned < QUARANTINE_PRUNE_LIMIT as u64 || closing.is_cancelled() {
-                            break;
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "could not delete expired quarantined bodies");
-                        break;
-                    }
-                }
-            }
+            let total = self
+                .delete_in_batches(
+                    PRUNE_QUARANTINE_SQL,
+                    before,
+                    QUARANTINE_PRUNE_LIMIT,
+                    usize::MAX,
+                    &closing,
+                    "expired quarantined bodies",
+                )
+                .await;
             if total > 0 {
                 tracing::info!(
                     deleted = total,
@@ -1376,30 +1400,18 @@ impl Shared {
                 () = closing.cancelled() => return,
             }
             let before = now_ms() - self.dedupe_window_ms;
-            let mut total = 0;
             // A bounded number of bounded deletes, so a large backlog of
             // expired keys never holds locks for long.
-            for _ in 0..DEDUPE_PRUNE_ROUNDS {
-                let result = self
-                    .with_client(false, async |client: &Object| {
-                        client
-                            .execute(PRUNE_DEDUPE_SQL, &[&before, &DEDUPE_PRUNE_LIMIT])
-                            .await
-                    })
-                    .await;
-                match result {
-                    Ok(pruned) => {
-                        total += pruned;
-                        if pruned < DEDUPE_PRUNE_LIMIT as u64 || closing.is_cancelled() {
-                            break;
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "could not prune expired dedupe keys");
-                        break;
-                    }
-                }
-            }
+            let total = self
+                .delete_in_batches(
+                    PRUNE_DEDUPE_SQL,
+                    before,
+                    DEDUPE_PRUNE_LIMIT,
+                    DEDUPE_PRUNE_ROUNDS,
+                    &closing,
+                    "expired dedupe keys",
+                )
+                .await;
             if total > 0 {
                 tracing::debug!(pruned = total, "expired dedupe keys deleted");
             }
