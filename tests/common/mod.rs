@@ -434,16 +434,18 @@ impl Sink {
     }
 
     /// A sink on a given address (to bring a "dead" target back).
-    pub async fn start_at(addr: SocketAddr) -> Sink {
+    pub async fn start_at(addr: DeadPort) -> Sink {
         Sink::start_at_responding(addr, |_, _| Reply::status(200)).await
     }
 
     /// A sink on a given address that answers with `responder` from its very
     /// first request (a dead target coming back with a particular behaviour).
     pub async fn start_at_responding(
-        addr: SocketAddr,
+        port: DeadPort,
         responder: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
     ) -> Sink {
+        let addr = port.addr;
+        drop(port);
         let listener = TcpListener::bind(addr).await.expect("rebind sink address");
         Sink::serve(listener, Arc::new(responder))
     }
@@ -715,10 +717,31 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A loopback address nothing listens on (a dead target).
-pub async fn dead_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("addr")
+/// A loopback port nothing listens on (a dead target: connections to it are
+/// refused). The port stays bound, not listening, until the test opens it
+/// with [`Sink::start_at`]: a port that was merely free could be handed to
+/// another test's listener meanwhile, and the "dead" target would answer.
+pub struct DeadPort {
+    addr: SocketAddr,
+    _held: tokio::net::TcpSocket,
+}
+
+impl std::fmt::Display for DeadPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+/// Reserves a [`DeadPort`] on loopback.
+pub async fn dead_addr() -> DeadPort {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().unwrap())
+        .expect("bind a port");
+    DeadPort {
+        addr: socket.local_addr().expect("addr"),
+        _held: socket,
+    }
 }
 
 /// POSTs `body` and returns the status and the JSON answer (Null when not JSON).
