@@ -31,8 +31,8 @@ AUTOLINK = re.compile(r"<((?:https?|mailto):[^>\s]+)>", re.I)
 
 
 def lines_outside_code(path):
-    """(line number, text) of the lines outside fenced code blocks, with inline
-    code blanked out: neither holds links or headings."""
+    """(line number, text) of the lines outside fenced code blocks: a fenced
+    block holds neither links nor headings."""
     fence = None
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -44,7 +44,7 @@ def lines_outside_code(path):
             if m:
                 fence = m.group(1)
                 continue
-            yield number, INLINE_CODE.sub(lambda c: " " * len(c.group(0)), line.rstrip("\n"))
+            yield number, line.rstrip("\n")
 
 
 def slug(heading):
@@ -65,19 +65,8 @@ def anchors(path):
     -1, -2 ... as on GitHub) and explicit <a name|id="..."> anchors."""
     if path not in _anchors:
         found, seen = set(), {}
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
-        found.update(HTML_ANCHOR.findall(raw))
-        fence = None
-        for line in raw.splitlines():
-            m = FENCE.match(line)
-            if fence:
-                if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):
-                    fence = None
-                continue
-            if m:
-                fence = m.group(1)
-                continue
+        for _, line in lines_outside_code(path):
+            found.update(HTML_ANCHOR.findall(line))
             h = HEADING.match(line)
             if not h:
                 continue
@@ -92,6 +81,8 @@ def anchors(path):
 def links(path):
     """(line number, target) of every link in a Markdown file."""
     for number, line in lines_outside_code(path):
+        # Inline code holds no links: blank it out, keeping the columns.
+        line = INLINE_CODE.sub(lambda c: " " * len(c.group(0)), line)
         for m in INLINE_LINK.finditer(line):
             yield number, m.group(1)
         m = REFERENCE_DEF.match(line)
