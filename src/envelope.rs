@@ -1,7 +1,7 @@
 //! The canonical envelope: every postback becomes one CloudEvents 1.0 event in
 //! structured JSON mode, so internal services parse one shape whatever Sinch sent.
 //!
-//! The schema lives in `schema/envelope.schema.json`; the README shows examples.
+//! The schema lives in `schema/envelope.schema.json`; docs/http.md shows examples.
 
 use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::Serialize;

@@ -252,7 +252,7 @@ mod tests {
         }
     }
 
-    /// The schedule the README's table shows: bounds double from 1 s and
+    /// The schedule docs/delivery.md's table shows: bounds double from 1 s and
     /// stop at 10 min from the 11th failure on.
     #[test]
     fn the_documented_schedule() {
