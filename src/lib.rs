@@ -25,6 +25,7 @@ pub mod envelope;
 pub mod http_server;
 pub mod ingest;
 pub mod live;
+pub mod load;
 pub mod logging;
 pub mod metrics;
 pub mod ops;
