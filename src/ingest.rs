@@ -24,11 +24,11 @@ use crate::access::{AccessPolicy, ConnectionInfo, Denied};
 use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse, REFUSAL_LOG_EVERY};
 use crate::live::Live;
+use crate::load::IngestLoad;
 use crate::logging::LogThrottle;
 use crate::metrics::Metrics;
 use crate::postback::{self, Postback};
 use crate::routing::{Decision, Router};
-use crate::load::IngestLoad;
 use crate::store::{
     now_ms, Acceptance, Committer, Kept, NewPostback, QuarantineEntry, Store, StoreError,
 };

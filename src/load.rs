@@ -45,7 +45,9 @@ mod tests {
     #[test]
     fn busy_from_the_eighth_answer_until_they_end() {
         let load = Arc::new(IngestLoad::default());
-        let answers: Vec<Answering> = (0..IngestLoad::BUSY - 1).map(|_| load.answering()).collect();
+        let answers: Vec<Answering> = (0..IngestLoad::BUSY - 1)
+            .map(|_| load.answering())
+            .collect();
         assert!(!load.is_busy());
         let eighth = load.answering();
         assert!(load.is_busy());

@@ -30,8 +30,8 @@ use super::sink::HttpClient;
 use super::{build_targets, run_dispatcher};
 use crate::config::Config;
 use crate::live::Live;
-use crate::metrics::Metrics;
 use crate::load::IngestLoad;
+use crate::metrics::Metrics;
 use crate::store::{now_ms, FreshJobs, Job, Reservation, Store, StoreError};
 
 /// Reason recorded on the dead letters of a target that left the config.

@@ -111,3 +111,148 @@ fn hand_over(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::SyncMode;
+    use crate::store::{now_ms, QuarantineLimits, SqliteOptions, SqliteStore};
+
+    /// An outlet that records what reaches it; `room` says whether it
+    /// reserves.
+    #[derive(Default)]
+    struct Outlet {
+        room: bool,
+        handed: Mutex<Vec<Job>>,
+        woken: Mutex<Vec<String>>,
+    }
+
+    struct Room(Arc<Outlet>, i64);
+
+    impl Reservation for Room {
+        fn leased_until_ms(&self) -> i64 {
+            self.1
+        }
+        fn hand_over(self: Box<Self>, jobs: Vec<Job>) {
+            self.0.handed.lock().unwrap().extend(jobs);
+        }
+    }
+
+    impl FreshJobs for Arc<Outlet> {
+        fn reserve(&self, _targets: &[String]) -> Option<Box<dyn Reservation>> {
+            self.room
+                .then(|| Box::new(Room(self.clone(), now_ms() + 60_000)) as Box<dyn Reservation>)
+        }
+        fn wake(&self, target: &str) {
+            self.woken.lock().unwrap().push(target.to_owned());
+        }
+    }
+
+    fn store(dir: &std::path::Path) -> Arc<dyn Store> {
+        Arc::new(
+            SqliteStore::open(SqliteOptions {
+                path: dir.join("relay.db"),
+                sync: SyncMode::Full,
+                busy_timeout: Duration::from_secs(1),
+                dedupe_window: Duration::from_secs(60),
+                min_free_bytes: 0,
+                quarantine: QuarantineLimits::default(),
+            })
+            .unwrap(),
+        )
+    }
+
+    fn postback(id: &str) -> NewPostback {
+        NewPostback {
+            id: id.into(),
+            dedupe_key: "MMS_MO|N401|T-1".into(),
+            received_at_ms: 1_700_000_000_000,
+            envelope: Bytes::from_static(b"{\"subject\":\"T-1\"}"),
+            raw_body: Bytes::from_static(b"<postback/>"),
+            content_type: Some("text/xml".into()),
+            targets: vec!["crm".into(), "billing".into()],
+            tracking_id: Some("T-1".into()),
+        }
+    }
+
+    /// Waits (bounded) until `check` holds: the SQLite writer runs the
+    /// hand-over on its own thread, after the answer.
+    async fn until(check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not handed over within 5 s");
+    }
+
+    #[tokio::test]
+    async fn with_room_the_committed_jobs_are_handed_over_leased_and_not_claimable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let outlet = Arc::new(Outlet {
+            room: true,
+            ..Outlet::default()
+        });
+        let committer = Committer::new(store.clone(), Arc::new(outlet.clone()));
+        assert_eq!(
+            committer.accept(postback("e1")).await.unwrap(),
+            Acceptance::Accepted
+        );
+        until(|| outlet.handed.lock().unwrap().len() == 2).await;
+        let handed = outlet.handed.lock().unwrap().clone();
+        assert_eq!(
+            handed.iter().map(|j| j.target.as_str()).collect::<Vec<_>>(),
+            ["crm", "billing"]
+        );
+        for job in &handed {
+            assert_eq!(job.event_id, "e1");
+            assert_eq!(job.tracking_id.as_deref(), Some("T-1"));
+            assert_eq!(job.created_at_ms, 1_700_000_000_000);
+            assert_eq!(&job.raw_body[..], b"<postback/>");
+            assert_eq!(job.content_type.as_deref(), Some("text/xml"));
+            assert!(job.leased_until_ms > now_ms());
+        }
+        assert_ne!(handed[0].id, handed[1].id, "each target has its own job");
+        assert!(outlet.woken.lock().unwrap().is_empty());
+        // Leased to the hand-over: a claim does not take them again.
+        let claimed = store
+            .claim("crm", 10, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(claimed.is_empty(), "claimed a handed-over job: {claimed:?}");
+        // A retry of the same postback is a duplicate: nothing handed over.
+        let again = committer.accept(postback("e1-retry")).await;
+        assert!(
+            matches!(again, Ok(Acceptance::Duplicate { .. })),
+            "{again:?}"
+        );
+        assert_eq!(outlet.handed.lock().unwrap().len(), 2);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_room_the_targets_are_woken_and_their_jobs_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let outlet = Arc::new(Outlet::default());
+        let committer = Committer::new(store.clone(), Arc::new(outlet.clone()));
+        committer.accept(postback("e2")).await.unwrap();
+        until(|| outlet.woken.lock().unwrap().len() == 2).await;
+        assert_eq!(*outlet.woken.lock().unwrap(), ["crm", "billing"]);
+        assert!(outlet.handed.lock().unwrap().is_empty());
+        let claimed = store
+            .claim("crm", 10, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].event_id, "e2");
+        store.close().await.unwrap();
+    }
+}

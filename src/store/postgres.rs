@@ -64,8 +64,8 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
-    AfterCommit, Kept, NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter,
+    now_ms, Acceptance, AfterCommit, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId,
+    Job, JobId, Kept, NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter,
     QuarantineLimits, QuarantineUsage, QuarantinedBody, Store, StoreError, TargetQueue,
     TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET, QUARANTINE_PREFIX_BYTES,
     QUARANTINE_PRUNE_LIMIT, QUARANTINE_SELECT,
