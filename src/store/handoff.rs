@@ -167,11 +167,13 @@ mod tests {
         )
     }
 
-    fn postback(id: &str) -> NewPostback {
+    /// A postback with two targets, received at `at` (within the dedupe
+    /// window: it is now).
+    fn postback(id: &str, at: i64) -> NewPostback {
         NewPostback {
             id: id.into(),
             dedupe_key: "MMS_MO|N401|T-1".into(),
-            received_at_ms: 1_700_000_000_000,
+            received_at_ms: at,
             envelope: Bytes::from_static(b"{\"subject\":\"T-1\"}"),
             raw_body: Bytes::from_static(b"<postback/>"),
             content_type: Some("text/xml".into()),
@@ -201,8 +203,9 @@ mod tests {
             ..Outlet::default()
         });
         let committer = Committer::new(store.clone(), Arc::new(outlet.clone()));
+        let at = now_ms();
         assert_eq!(
-            committer.accept(postback("e1")).await.unwrap(),
+            committer.accept(postback("e1", at)).await.unwrap(),
             Acceptance::Accepted
         );
         until(|| outlet.handed.lock().unwrap().len() == 2).await;
@@ -214,7 +217,7 @@ mod tests {
         for job in &handed {
             assert_eq!(job.event_id, "e1");
             assert_eq!(job.tracking_id.as_deref(), Some("T-1"));
-            assert_eq!(job.created_at_ms, 1_700_000_000_000);
+            assert_eq!(job.created_at_ms, at);
             assert_eq!(&job.raw_body[..], b"<postback/>");
             assert_eq!(job.content_type.as_deref(), Some("text/xml"));
             assert!(job.leased_until_ms > now_ms());
@@ -228,7 +231,7 @@ mod tests {
             .unwrap();
         assert!(claimed.is_empty(), "claimed a handed-over job: {claimed:?}");
         // A retry of the same postback is a duplicate: nothing handed over.
-        let again = committer.accept(postback("e1-retry")).await;
+        let again = committer.accept(postback("e1-retry", at)).await;
         assert!(
             matches!(again, Ok(Acceptance::Duplicate { .. })),
             "{again:?}"
@@ -243,7 +246,7 @@ mod tests {
         let store = store(dir.path());
         let outlet = Arc::new(Outlet::default());
         let committer = Committer::new(store.clone(), Arc::new(outlet.clone()));
-        committer.accept(postback("e2")).await.unwrap();
+        committer.accept(postback("e2", now_ms())).await.unwrap();
         until(|| outlet.woken.lock().unwrap().len() == 2).await;
         assert_eq!(*outlet.woken.lock().unwrap(), ["crm", "billing"]);
         assert!(outlet.handed.lock().unwrap().is_empty());
