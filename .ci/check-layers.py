@@ -13,7 +13,7 @@ import sys
 
 # Bottom to top. A module may use modules of its own layer or below.
 LAYERS = [
-    ("leaves", ["clock", "logging", "live", "watch", "proxy_protocol", "tls", "postback", "envelope", "signing"]),
+    ("leaves", ["clock", "load", "logging", "live", "watch", "proxy_protocol", "tls", "postback", "envelope", "signing"]),
     ("configuration", ["config"]),
     ("edge", ["routing", "metrics", "access", "http_server"]),
     ("storage", ["store"]),

@@ -21,16 +21,16 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::access::{AccessPolicy, ConnectionInfo, Denied};
-use crate::delivery::fleet::{Committed, Fleet, Handoff};
 use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse, REFUSAL_LOG_EVERY};
 use crate::live::Live;
+use crate::load::IngestLoad;
 use crate::logging::LogThrottle;
 use crate::metrics::Metrics;
 use crate::postback::{self, Postback};
 use crate::routing::{Decision, Router};
 use crate::store::{
-    now_ms, Acceptance, JobId, Kept, NewPostback, OnCommit, QuarantineEntry, Store, StoreError,
+    now_ms, Acceptance, Committer, Kept, NewPostback, QuarantineEntry, Store, StoreError,
 };
 
 /// Seconds Sinch is asked to wait after a 503 (it waits ~5 minutes anyway).
@@ -55,8 +55,10 @@ pub struct Ingest {
     pub store: Arc<dyn Store>,
     /// Counters and histograms.
     pub metrics: Metrics,
-    /// Dispatchers to wake after a commit.
-    pub fleet: Arc<Fleet>,
+    /// The way into the store that hands fresh jobs on to delivery.
+    pub committer: Committer,
+    /// Postbacks being answered now, which delivery yields to.
+    pub load: Arc<IngestLoad>,
 }
 
 /// How a request ended, for the metrics label and the log line.
@@ -105,7 +107,7 @@ impl Ingest {
             return response;
         }
         let started = Instant::now();
-        let _answering = self.fleet.answering();
+        let _answering = self.load.answering();
         let (format, outcome, response) = self.receive(request).await;
         self.metrics
             .postbacks_received
@@ -200,7 +202,7 @@ impl Ingest {
         content_type: Option<String>,
         received_at_ms: i64,
     ) -> (Outcome, HttpResponse) {
-        let (mut new, decision) = prepare(
+        let (new, decision) = prepare(
             &postback,
             body.clone(),
             content_type.clone(),
@@ -209,13 +211,7 @@ impl Ingest {
             &self.source,
         );
         let id = new.id.clone();
-        // Fresh jobs go to the dispatchers in memory when they have room
-        // (see `delivery::fleet`); the store keeps them leased meanwhile.
-        let handoff = self.fleet.reserve(&decision.targets);
-        new.leased_until_ms = handoff.as_ref().map(|h| h.leased_until_ms);
-        let on_commit = (!decision.targets.is_empty())
-            .then(|| self.start_jobs(&new, &decision.targets, postback.tracking_id(), handoff));
-        let result = self.store.accept(new, on_commit).await;
+        let result = self.committer.accept(new).await;
         let log = |outcome: &str, id: &str| {
             tracing::info!(
                 id, origin = postback.origin(), code = postback.code(),
@@ -257,53 +253,6 @@ impl Ingest {
                 (Outcome::Error, unavailable(&err))
             }
         }
-    }
-
-    /// What the store runs once the postback's jobs exist: hand them to
-    /// the dispatchers reserved for them, or else wake the dispatchers to
-    /// claim them.
-    fn start_jobs(
-        &self,
-        new: &NewPostback,
-        targets: &[String],
-        tracking_id: Option<&str>,
-        handoff: Option<Handoff>,
-    ) -> OnCommit {
-        let fleet = self.fleet.clone();
-        let targets = targets.to_vec();
-        let tracking_id = tracking_id.map(str::to_owned);
-        let (event_id, created_at_ms) = (new.id.clone(), new.received_at_ms);
-        let bodies = handoff.as_ref().map(|_| {
-            (
-                new.envelope.clone(),
-                new.raw_body.clone(),
-                new.content_type.clone(),
-            )
-        });
-        Box::new(move |leased: &[JobId]| {
-            let handed_over =
-                handoff
-                    .zip(bodies)
-                    .is_some_and(|(handoff, (envelope, raw_body, content_type))| {
-                        handoff.deliver(
-                            &targets,
-                            leased,
-                            Committed {
-                                event_id: &event_id,
-                                tracking_id: tracking_id.as_deref(),
-                                created_at_ms,
-                                envelope: &envelope,
-                                raw_body: &raw_body,
-                                content_type: &content_type,
-                            },
-                        )
-                    });
-            if !handed_over {
-                for target in &targets {
-                    fleet.wake(target);
-                }
-            }
-        })
     }
 
     /// Keeps a body that cannot be committed as a postback (the parser or
@@ -410,7 +359,7 @@ pub fn prepare(
         raw_body: body,
         content_type,
         targets: decision.targets.clone(),
-        leased_until_ms: None,
+        tracking_id: postback.tracking_id().map(str::to_owned),
     };
     (new, decision)
 }

@@ -9,10 +9,14 @@
 //!                                                   PostgreSQL) dead letters)
 //! ```
 //!
-//! `config` loads and validates everything before anything starts, `relay` wires
-//! the pieces together and owns shutdown, `admin` serves health and `metrics`.
+//! Ingest gives postbacks to the store only (through `store::Committer`); the
+//! store hands the jobs it committed to delivery through `store::FreshJobs`,
+//! which delivery implements. `config` loads and validates everything before
+//! anything starts, `relay` wires the pieces together (and gives both sides
+//! the ingest `load`) and owns shutdown, `admin` serves health and `metrics`.
 //! In front of ingest: `http_server` (connections, timeouts), `proxy_protocol`,
 //! `tls`, and `access` (allowlist, trusted proxies, credentials).
+//! docs/architecture.md has the layers; `.ci/check-layers.py` enforces them.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +29,7 @@ pub mod envelope;
 pub mod http_server;
 pub mod ingest;
 pub mod live;
+pub mod load;
 pub mod logging;
 pub mod metrics;
 pub mod ops;

@@ -9,7 +9,7 @@
 use crate::ingest::prepare;
 use crate::postback;
 use crate::routing::Router;
-use crate::store::{Acceptance, QuarantinedBody, Store, StoreError};
+use crate::store::{Acceptance, Committer, QuarantinedBody, StoreError};
 
 /// What replaying one body did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub enum Replayed {
 /// committed (or found a duplicate) and leaves the quarantine; when it still
 /// fails, it stays.
 pub async fn replay_body(
-    store: &dyn Store,
+    committer: &Committer,
     router: &Router,
     source: &str,
     body: &QuarantinedBody,
@@ -75,7 +75,7 @@ pub async fn replay_body(
         source,
     );
     let id = new.id.clone();
-    let outcome = match store.accept(new, None).await {
+    let outcome = match committer.accept(new).await {
         Ok(Acceptance::Accepted) => Replayed::Accepted {
             id,
             targets: decision.targets,
@@ -86,7 +86,8 @@ pub async fn replay_body(
         Err(err) => return Err(err),
     };
     // Committed (or already there): the quarantine copy is done with.
-    store
+    committer
+        .store()
         .remove_quarantined(std::slice::from_ref(&body.body_hash))
         .await?;
     Ok(outcome)

@@ -20,9 +20,10 @@ use crate::delivery::fleet::{DeliveryRuntime, Fleet, TargetChanges, TARGET_REMOV
 use crate::http_server::{serve, ServeOptions};
 use crate::ingest::Ingest;
 use crate::live::Live;
+use crate::load::IngestLoad;
 use crate::metrics::Metrics;
 use crate::routing::Router;
-use crate::store::{self, Store};
+use crate::store::{self, Committer, Store};
 use crate::tls::TlsReloader;
 
 /// How often the queue gauges are read from the store.
@@ -168,6 +169,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let client = build_client().context("cannot load the system's TLS root certificates")?;
     dead_letter_removed_targets(store.as_ref(), &config).await;
     let delivery_runtime = DeliveryRuntime::start().context("cannot start the delivery runtime")?;
+    let ingest_load = Arc::new(IngestLoad::default());
     let fleet = Arc::new(
         Fleet::start(
             &config,
@@ -175,10 +177,13 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             metrics.clone(),
             client,
             delivery_runtime,
+            ingest_load.clone(),
         )
         .await
         .context("cannot read the targets' pauses from the store")?,
     );
+    // The store hands freshly committed jobs straight to the dispatchers.
+    let committer = Committer::new(store.clone(), fleet.clone());
     let admin_token = Arc::new(Live::new(config.admin.token().map_err(anyhow::Error::msg)?));
     if admin_token.get().is_none() {
         tracing::warn!("admin.token_file is not set: the admin API (/api/v1/) is off; the admin listener serves only metrics and health");
@@ -229,13 +234,15 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         router: router.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
-        fleet: fleet.clone(),
+        committer: committer.clone(),
+        load: ingest_load,
     });
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         store: store.clone(),
         token: admin_token.clone(),
         fleet: fleet.clone(),
+        committer,
         router: router.clone(),
         source: config.envelope.source.clone(),
     });

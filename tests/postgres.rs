@@ -593,7 +593,7 @@ fn postback(tracking_id: &str, targets: &[&str]) -> NewPostback {
         raw_body: Bytes::from_static(b"<postback/>"),
         content_type: Some("text/xml".into()),
         targets: targets.iter().map(|t| t.to_string()).collect(),
-        leased_until_ms: None,
+        tracking_id: None,
     }
 }
 

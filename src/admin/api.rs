@@ -712,14 +712,11 @@ async fn replay_quarantine(admin: &Admin, body: Value) -> Answer {
     let mut chunks = QuarantineChunks::new(chosen);
     while let Some(bodies) = chunks.next(admin).await? {
         for body in bodies {
-            let outcome = replay_body(admin.store.as_ref(), &router, &admin.source, &body).await?;
+            let outcome = replay_body(&admin.committer, &router, &admin.source, &body).await?;
             let mut result = json!({ "body_hash": body.body_hash });
             match outcome {
                 Replayed::Accepted { id, targets } => {
                     accepted += 1;
-                    for target in &targets {
-                        admin.fleet.wake(target);
-                    }
                     result["outcome"] = json!("accepted");
                     result["id"] = json!(id);
                     result["targets"] = json!(targets);

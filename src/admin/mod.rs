@@ -21,7 +21,7 @@ use crate::http_server::{json_response, HttpResponse};
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::routing::Router;
-use crate::store::Store;
+use crate::store::{Committer, Store};
 
 /// Shared state of the admin endpoints.
 pub struct Admin {
@@ -33,6 +33,9 @@ pub struct Admin {
     pub token: Arc<Live<Option<String>>>,
     /// Targets to pause, resume and wake after a replay.
     pub fleet: Arc<Fleet>,
+    /// Re-ingested quarantined bodies are committed through it, so their
+    /// jobs reach delivery as fresh ones do.
+    pub committer: Committer,
     /// Routes a replayed `(no route)` dead letter or quarantined body.
     pub router: Arc<Live<Router>>,
     /// The envelope `source` of re-ingested quarantined bodies.

@@ -7,12 +7,13 @@
 //! same way, then its queued jobs become dead letters ("target removed"), so
 //! nothing is dropped and a replay brings them back once the target returns.
 //!
-//! Fresh jobs take a short cut: ingest reserves room in each routed target's
-//! hand-over queue ([`Fleet::reserve`]), the store inserts the jobs already
-//! leased to this process, and after the commit ingest hands them to the
-//! dispatchers in memory ([`Handoff::deliver`]), so a fresh delivery costs no
-//! claim transaction. Anything that goes wrong on the way (no room, a paused
-//! or unreachable target, a backend that does not lease at insert, a crash)
+//! Fresh jobs take a short cut: the fleet is the store's [`FreshJobs`]
+//! outlet. Before a commit the store reserves room in each routed target's
+//! hand-over queue ([`FreshJobs::reserve`]), inserts the jobs leased to this
+//! process, and after the commit hands them to the dispatchers in memory
+//! ([`Reservation::hand_over`]), so a fresh delivery costs no claim
+//! transaction. Anything that goes wrong on the way (no room, a paused or
+//! unreachable target, a backend that does not lease at insert, a crash)
 //! leaves the jobs in the store, where a claim finds them: at worst once
 //! their lease ran out.
 
@@ -20,7 +21,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +30,9 @@ use super::sink::HttpClient;
 use super::{build_targets, run_dispatcher};
 use crate::config::Config;
 use crate::live::Live;
+use crate::load::IngestLoad;
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Job, JobId, Store, StoreError};
+use crate::store::{now_ms, FreshJobs, Job, Reservation, Store, StoreError};
 
 /// Reason recorded on the dead letters of a target that left the config.
 pub const TARGET_REMOVED: &str = "target removed";
@@ -90,50 +91,20 @@ struct Running {
 
 /// Room reserved in the hand-over queues of a postback's targets, for the
 /// jobs the store is about to insert leased.
-pub struct Handoff {
+struct Handoff {
     permits: Vec<mpsc::OwnedPermit<Job>>,
-    /// Until when the store leases the jobs.
-    pub leased_until_ms: i64,
+    leased_until_ms: i64,
 }
 
-/// What a hand-over needs to know about the committed postback.
-pub struct Committed<'a> {
-    /// Envelope id.
-    pub event_id: &'a str,
-    /// Sinch's tracking id.
-    pub tracking_id: Option<&'a str>,
-    /// When it was received (the jobs' creation time).
-    pub created_at_ms: i64,
-    /// CloudEvents JSON.
-    pub envelope: &'a Bytes,
-    /// The body as Sinch sent it.
-    pub raw_body: &'a Bytes,
-    /// Its Content-Type.
-    pub content_type: &'a Option<String>,
-}
+impl Reservation for Handoff {
+    fn leased_until_ms(&self) -> i64 {
+        self.leased_until_ms
+    }
 
-impl Handoff {
-    /// Hands the leased jobs (ids in target order) to their dispatchers.
-    /// False (nothing handed over) when the store did not lease them.
-    pub fn deliver(self, targets: &[String], leased: &[JobId], postback: Committed<'_>) -> bool {
-        if leased.len() != self.permits.len() || targets.len() != leased.len() {
-            return false;
+    fn hand_over(self: Box<Self>, jobs: Vec<Job>) {
+        for (permit, job) in self.permits.into_iter().zip(jobs) {
+            permit.send(job);
         }
-        for ((permit, target), id) in self.permits.into_iter().zip(targets).zip(leased) {
-            permit.send(Job {
-                id: *id,
-                event_id: postback.event_id.to_owned(),
-                tracking_id: postback.tracking_id.map(str::to_owned),
-                target: target.clone(),
-                attempts: 0,
-                created_at_ms: postback.created_at_ms,
-                envelope: postback.envelope.clone(),
-                raw_body: postback.raw_body.clone(),
-                content_type: postback.content_type.clone(),
-                leased_until_ms: self.leased_until_ms,
-            });
-        }
-        true
     }
 }
 
@@ -175,7 +146,8 @@ pub struct Fleet {
     /// The stored pauses as last read: a target a reload (re)adds starts
     /// paused when an operator paused it and nobody resumed it.
     stored_pauses: Mutex<Vec<String>>,
-    /// Postbacks being answered now; many at once make deliveries yield.
+    /// Postbacks being answered now (counted by ingest); many at once make
+    /// deliveries yield.
     ingest_load: Arc<IngestLoad>,
     /// Cancelled at shutdown: retiring work that only waits stops waiting.
     stopping: CancellationToken,
@@ -220,33 +192,6 @@ impl Drop for DeliveryRuntime {
     }
 }
 
-/// How many postbacks are being answered at this moment. Ingest comes first:
-/// Sinch waits for each answer, and a delivery can wait a little. While
-/// [`IngestLoad::BUSY`] or more are in progress, dispatchers start new
-/// attempts on a quarter of their slots only.
-#[derive(Default)]
-pub struct IngestLoad(AtomicU64);
-
-impl IngestLoad {
-    /// Postbacks in progress from which ingest is considered busy: more than
-    /// a few serial Sinch connections ever make.
-    pub const BUSY: u64 = 8;
-
-    /// Whether deliveries should make room for ingest now.
-    pub fn is_busy(&self) -> bool {
-        self.0.load(Ordering::Relaxed) >= Self::BUSY
-    }
-}
-
-/// Counts one postback in progress until dropped.
-pub struct Answering(Arc<IngestLoad>);
-
-impl Drop for Answering {
-    fn drop(&mut self) {
-        (self.0).0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Fleet {
     /// Starts a dispatcher for every target of `config`, paused where the
     /// store says so.
@@ -256,6 +201,7 @@ impl Fleet {
         metrics: Metrics,
         client: HttpClient,
         runtime: DeliveryRuntime,
+        ingest_load: Arc<IngestLoad>,
     ) -> Result<Fleet, StoreError> {
         let paused = store.paused_targets().await?;
         let fleet = Fleet {
@@ -267,7 +213,7 @@ impl Fleet {
             retiring: TaskTracker::new(),
             pause_changes: AtomicU64::new(0),
             stored_pauses: Mutex::new(paused),
-            ingest_load: Arc::new(IngestLoad::default()),
+            ingest_load,
             stopping: CancellationToken::new(),
             runtime,
         };
@@ -396,42 +342,11 @@ impl Fleet {
         });
     }
 
-    /// Marks a postback as being answered, until the guard is dropped.
-    pub fn answering(&self) -> Answering {
-        self.ingest_load.0.fetch_add(1, Ordering::Relaxed);
-        Answering(self.ingest_load.clone())
-    }
-
     /// Tells `target`'s dispatcher that jobs are waiting in the store.
     pub fn wake(&self, target: &str) {
         if let Some(inlet) = self.inlets.get().get(target) {
             inlet.control.wake.notify_one();
         }
-    }
-
-    /// Reserves room to hand a postback's jobs over in memory: one place in
-    /// each target's queue, or nothing (then its jobs are claimed as usual).
-    pub fn reserve(&self, targets: &[String]) -> Option<Handoff> {
-        if targets.is_empty() {
-            return None;
-        }
-        let inlets = self.inlets.get();
-        let mut permits = Vec::with_capacity(targets.len());
-        // The longest of the targets' leases: each job must outlast its own
-        // target's attempt (a longer lease only matters after a crash).
-        let mut lease = std::time::Duration::ZERO;
-        for target in targets {
-            let inlet = inlets.get(target)?;
-            if !inlet.control.takes_hot.load(Ordering::Relaxed) {
-                return None;
-            }
-            permits.push(inlet.hot.clone().try_reserve_owned().ok()?);
-            lease = lease.max(inlet.lease);
-        }
-        Some(Handoff {
-            permits,
-            leased_until_ms: now_ms() + lease.as_millis() as i64,
-        })
     }
 
     /// The configured targets' names, in order.
@@ -536,5 +451,34 @@ impl Fleet {
         }
         self.retiring.close();
         self.retiring.wait().await;
+    }
+}
+
+/// The store hands fresh jobs to the dispatchers here.
+impl FreshJobs for Fleet {
+    /// One place in each target's hand-over queue, or nothing (then its jobs
+    /// are claimed as usual).
+    fn reserve(&self, targets: &[String]) -> Option<Box<dyn Reservation>> {
+        let inlets = self.inlets.get();
+        let mut permits = Vec::with_capacity(targets.len());
+        // The longest of the targets' leases: each job must outlast its own
+        // target's attempt (a longer lease only matters after a crash).
+        let mut lease = std::time::Duration::ZERO;
+        for target in targets {
+            let inlet = inlets.get(target)?;
+            if !inlet.control.takes_hot.load(Ordering::Relaxed) {
+                return None;
+            }
+            permits.push(inlet.hot.clone().try_reserve_owned().ok()?);
+            lease = lease.max(inlet.lease);
+        }
+        Some(Box::new(Handoff {
+            permits,
+            leased_until_ms: now_ms() + lease.as_millis() as i64,
+        }))
+    }
+
+    fn wake(&self, target: &str) {
+        Fleet::wake(self, target);
     }
 }

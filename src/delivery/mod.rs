@@ -24,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TargetKind};
+use crate::load::IngestLoad;
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Job, JobId, Outcome, Store, StoreError};
-use fleet::{Control, IngestLoad};
+use fleet::Control;
 use ready::Ready;
 use retry::{Next, RetryPolicy, Verdict};
 use signing::SigningKey;

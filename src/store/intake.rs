@@ -844,7 +844,9 @@ fn decode_one(bytes: &[u8]) -> Option<(Journaled, usize)> {
             raw_body,
             content_type,
             targets,
-            leased_until_ms: None,
+            // Not journaled: jobs moved at start-up are claimed, and a
+            // claim reads it from the envelope.
+            tracking_id: None,
         },
     };
     Some((record, FRAME_HEADER + len))
@@ -890,7 +892,7 @@ mod tests {
             raw_body: Bytes::from_static(b"<postback/>"),
             content_type: content_type.map(str::to_owned),
             targets: targets.iter().map(|t| (*t).to_owned()).collect(),
-            leased_until_ms: Some(5),
+            tracking_id: None,
         }
     }
 
@@ -925,7 +927,6 @@ mod tests {
             assert_eq!(got.raw_body, original.raw_body);
             assert_eq!(got.content_type, original.content_type);
             assert_eq!(got.targets, original.targets);
-            assert_eq!(got.leased_until_ms, None, "a replayed job is not leased");
         }
         assert!(!decode_all(&segment[..whole]).torn);
         // Zeros after the last record (a written-out segment) end it cleanly.

@@ -6,8 +6,8 @@
 //!   are durably written (PostgreSQL: committed with its dedupe key and one
 //!   delivery job per target; SQLite: in the intake journal, from which the
 //!   writer moves it into the database within milliseconds, or a restart
-//!   does); ingest answers 200 only then. The jobs exist once [`OnCommit`]
-//!   runs. An error means nothing was acknowledged (ingest answers 503); a
+//!   does); ingest answers 200 only then. The jobs exist once
+//!   [`AfterCommit`] runs: the [`Committer`] hands them to delivery there. An error means nothing was acknowledged (ingest answers 503); a
 //!   journaled record whose fdatasync then failed may still be delivered
 //!   (at least once, never lost).
 //! - Jobs are claimed with a lease ([`Store::claim`]): a job claimed by a worker
@@ -25,6 +25,7 @@
 //! [`PostgresStore`] (several instances sharing one queue); [`open`] picks the
 //! one the config names.
 
+mod handoff;
 mod intake;
 mod leases;
 mod postgres;
@@ -38,6 +39,7 @@ use bytes::Bytes;
 
 use crate::config::{Config, QuarantineConfig, StoreBackend};
 
+pub use handoff::{Committer, FreshJobs, Reservation};
 pub use postgres::{describe_url, PostgresOptions, PostgresStore, MIN_POOL_SIZE};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -157,19 +159,25 @@ pub struct NewPostback {
     pub content_type: Option<String>,
     /// Routed targets; empty means "no route" (kept as a dead letter).
     pub targets: Vec<String>,
-    /// Insert the jobs already leased until this time, so ingest can hand
-    /// them to the dispatchers in memory, with no claim transaction (see
-    /// `delivery::fleet` and [`OnCommit`]). A backend may ignore it (the jobs
-    /// are then due at once and claimed as usual).
-    pub leased_until_ms: Option<i64>,
+    /// Sinch's tracking id, carried by the jobs handed over at commit.
+    pub tracking_id: Option<String>,
 }
 
-/// Run by the store once an accepted postback's jobs exist in it, with their
-/// ids in target order when it inserted them leased
-/// ([`NewPostback::leased_until_ms`]), empty otherwise. The SQLite store
-/// acknowledges before its writer thread has inserted the jobs (see
-/// `store::intake`), so whatever starts them must wait for this. It runs on
-/// the committing thread: it must not block.
+/// What the [`Committer`] asks a backend to do once an accepted postback's
+/// jobs exist. The SQLite store acknowledges before its writer thread has
+/// inserted the jobs (see `store::intake`), so whatever starts them must
+/// wait for this.
+pub struct AfterCommit {
+    /// Insert the jobs leased to this process until then, so they can be
+    /// handed over in memory with no claim transaction. A backend may ignore
+    /// it (the jobs are then due at once and claimed as usual).
+    pub leased_until_ms: Option<i64>,
+    /// Run with the jobs' ids in target order when they were inserted
+    /// leased, empty otherwise; on the committing thread: it must not block.
+    pub run: OnCommit,
+}
+
+/// [`AfterCommit::run`].
 pub type OnCommit = Box<dyn FnOnce(&[JobId]) + Send>;
 
 /// What [`Store::accept`] did.
@@ -423,11 +431,12 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Commits a postback and its jobs (or finds it a duplicate); runs
-    /// `on_commit` once the jobs exist (never for a duplicate).
+    /// `after` once the jobs exist (never for a duplicate). Callers go
+    /// through the [`Committer`], which hands the jobs to delivery.
     async fn accept(
         &self,
         postback: NewPostback,
-        on_commit: Option<OnCommit>,
+        after: Option<AfterCommit>,
     ) -> Result<Acceptance, StoreError>;
     /// Keeps an unparseable body: whole while the stored bodies stay
     /// within `quarantine.max_bytes` (a running total, no scan), else its prefix.

@@ -64,8 +64,8 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
-    Kept, NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter,
+    now_ms, Acceptance, AfterCommit, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId,
+    Job, JobId, Kept, NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter,
     QuarantineLimits, QuarantineUsage, QuarantinedBody, Store, StoreError, TargetQueue,
     TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET, QUARANTINE_PREFIX_BYTES,
     QUARANTINE_PRUNE_LIMIT, QUARANTINE_SELECT,
@@ -578,7 +578,7 @@ impl Store for PostgresStore {
     async fn accept(
         &self,
         postback: NewPostback,
-        on_commit: Option<OnCommit>,
+        after: Option<AfterCommit>,
     ) -> Result<Acceptance, StoreError> {
         let held = self.hold(&postback)?;
         let (reply, answer) = oneshot::channel();
@@ -593,8 +593,8 @@ impl Store for PostgresStore {
         let acceptance = answer.await.map_err(|_| StoreError::Closed)??;
         // Committed, and the jobs are due at once (this backend does not
         // lease fresh jobs): whoever waits for them may claim now.
-        if let (Acceptance::Accepted, Some(on_commit)) = (&acceptance, on_commit) {
-            on_commit(&[]);
+        if let (Acceptance::Accepted, Some(after)) = (&acceptance, after) {
+            (after.run)(&[]);
         }
         Ok(acceptance)
     }

@@ -24,8 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::intake::{Appended, Intake, Journaled};
 use super::leases::Leases;
 use super::{
-    now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
-    Kept, NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter,
+    now_ms, Acceptance, AfterCommit, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId,
+    Job, JobId, Kept, NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter,
     QuarantineLimits, QuarantineUsage, QuarantinedBody, Store, StoreError, TargetQueue,
     TargetStats, DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, NO_ROUTE_TARGET, QUARANTINE_PREFIX_BYTES,
     QUARANTINE_PRUNE_LIMIT, QUARANTINE_SELECT,
@@ -350,7 +350,7 @@ impl Store for SqliteStore {
     async fn accept(
         &self,
         postback: NewPostback,
-        on_commit: Option<OnCommit>,
+        after: Option<AfterCommit>,
     ) -> Result<Acceptance, StoreError> {
         let queued = QueuedBytes::take(&self.queued_bytes, &postback)?;
         // Room for the move first: from the append to the send nothing
@@ -377,7 +377,7 @@ impl Store for SqliteStore {
         };
         room.send(Command::Move(Box::new(Moving {
             journaled: Journaled { seq, postback },
-            on_commit,
+            after,
             _queued: queued,
         })));
         self.intake.sync_through(seq).await?;
@@ -851,7 +851,7 @@ struct Writer {
 /// An acknowledged postback on its way from the journal into SQLite.
 struct Moving {
     journaled: Journaled,
-    on_commit: Option<OnCommit>,
+    after: Option<AfterCommit>,
     /// Its share of [`QUEUE_BYTES`], given back when the move is done.
     _queued: QueuedBytes,
 }
@@ -1068,8 +1068,8 @@ impl Writer {
         self.intake
             .moved(started.iter().map(|(moving, _)| &moving.journaled.postback));
         for (moving, ids) in started {
-            if let Some(on_commit) = moving.on_commit {
-                on_commit(&ids);
+            if let Some(after) = moving.after {
+                (after.run)(&ids);
             }
         }
     }
@@ -1102,7 +1102,8 @@ impl Writer {
             match command {
                 Command::Move(moving) => {
                     let result = isolated(&self.conn, |c| {
-                        insert_postback(c, &moving.journaled.postback)
+                        let lease = moving.after.as_ref().and_then(|a| a.leased_until_ms);
+                        insert_postback(c, &moving.journaled.postback, lease)
                     });
                     applied.moves.push((moving, result));
                 }
@@ -1394,8 +1395,14 @@ fn fail(command: Command, error: &StoreError) {
 
 /// Inserts an acknowledged postback with its jobs and dedupe key; returns
 /// the jobs' ids in target order. A postback already there (moved before a
-/// crash left the journal behind) is skipped: no jobs, no ids.
-fn insert_postback(conn: &Connection, postback: &NewPostback) -> rusqlite::Result<Vec<JobId>> {
+/// crash left the journal behind) is skipped: no jobs, no ids. With
+/// `leased_until_ms` the jobs are inserted leased to this process (see
+/// [`AfterCommit`]).
+fn insert_postback(
+    conn: &Connection,
+    postback: &NewPostback,
+    leased_until_ms: Option<i64>,
+) -> rusqlite::Result<Vec<JobId>> {
     let now = postback.received_at_ms;
     let inserted = conn
         .prepare_cached(
@@ -1426,7 +1433,7 @@ fn insert_postback(conn: &Connection, postback: &NewPostback) -> rusqlite::Resul
     let mut insert_job = conn.prepare_cached(
         "INSERT INTO jobs (event_id, target, created_at, next_at, lease_until) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    let (next_at, lease_until) = match postback.leased_until_ms {
+    let (next_at, lease_until) = match leased_until_ms {
         None => (now, 0),
         Some(until) => (until, until),
     };
@@ -1459,7 +1466,7 @@ fn recover_intake(
     if written > moved as u64 {
         let tx = conn.transaction().map_err(db_error)?;
         for record in &records {
-            insert_postback(&tx, &record.postback).map_err(db_error)?;
+            insert_postback(&tx, &record.postback, None).map_err(db_error)?;
         }
         tx.execute(
             "UPDATE intake_moved SET seq = ?1 WHERE id = 1",
@@ -1779,9 +1786,9 @@ mod tests {
                 raw_body: Bytes::from_static(b"<xml/>"),
                 content_type: None,
                 targets: vec!["a".into(), "b".into()],
-                leased_until_ms: None,
+                tracking_id: None,
             };
-            insert_postback(&conn, &postback).unwrap();
+            insert_postback(&conn, &postback, None).unwrap();
         }
         conn
     }
@@ -1944,7 +1951,7 @@ mod tests {
             raw_body: Bytes::from_static(b"<xml/>"),
             content_type: None,
             targets: vec!["a".into()],
-            leased_until_ms: None,
+            tracking_id: None,
         };
         let Appended::New(seq) = intake.append(&postback).unwrap() else {
             panic!("a fresh store has no duplicate");
@@ -1984,7 +1991,7 @@ mod tests {
             raw_body: Bytes::from_static(b"<xml/>"),
             content_type: None,
             targets: Vec::new(),
-            leased_until_ms: None,
+            tracking_id: None,
         }
     }
 
