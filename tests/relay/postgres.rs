@@ -8,17 +8,15 @@
 //! restart test runs its own throwaway cluster (initdb and pg_ctl, as the
 //! `postgres` OS user when run as root) on a random port.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::pg::{Cluster, TestDatabase};
+use crate::common::process::*;
+use crate::common::*;
 use bytes::Bytes;
-use common::pg::{Cluster, TestDatabase};
-use common::process::*;
-use common::*;
 use postback_relay::store::{
     now_ms, Acceptance, NewPostback, Outcome, PostgresOptions, PostgresStore, Store,
 };
@@ -348,7 +346,7 @@ async fn a_postgres_restart_answers_503_meanwhile_and_loses_nothing() {
         // The relays get the password from a file, never from the URL.
         let password_file = dir.path().join("db-password");
         std::fs::write(&password_file, format!("{password}\n")).unwrap();
-        let url = common::pg::with_database(&cluster.url(), &db.name);
+        let url = crate::common::pg::with_database(&cluster.url(), &db.name);
         let sink = Sink::start().await;
         let configs: Vec<_> = ["a", "b"]
             .iter()
@@ -949,7 +947,7 @@ async fn a_retry_racing_its_original_is_acknowledged_only_once_something_is_comm
     bounded(Duration::from_secs(90), "the racing-retry test", async {
         let sink = Sink::start().await;
         let relay = relay_on(TestDatabase::create(), &sink, "").await;
-        let admin = common::pg::connect(&db_url(&relay)).await;
+        let admin = crate::common::pg::connect(&db_url(&relay)).await;
         // Every commit of an event takes a second (a deferred trigger runs
         // at COMMIT) and fails as `test_fail` says: all of them, or only the
         // first one (a sequence is not rolled back with its transaction).
@@ -1090,7 +1088,7 @@ async fn a_stalled_database_fills_the_byte_bounded_queue_and_the_rest_get_a_fast
             "  max_queued_bytes: 400000\n",
         )
         .await;
-        let admin = common::pg::connect(&db_url(&relay)).await;
+        let admin = crate::common::pg::connect(&db_url(&relay)).await;
         admin
             .batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
             .await
@@ -1179,7 +1177,7 @@ async fn accepts_are_flushed_even_when_new_connections_default_to_asynchronous_c
             let name = db.name.clone();
             let sink = Sink::start().await;
             let relay = relay_on(db, &sink, "").await;
-            let admin = common::pg::connect(&db_url(&relay)).await;
+            let admin = crate::common::pg::connect(&db_url(&relay)).await;
             // Record the setting each event is committed under.
             admin
                 .batch_execute(
@@ -1206,7 +1204,7 @@ CREATE TRIGGER test_record_sync AFTER INSERT ON events
                 ))
                 .await
                 .unwrap();
-            let fresh = common::pg::connect(&db_url(&relay)).await;
+            let fresh = crate::common::pg::connect(&db_url(&relay)).await;
             let default: String = fresh
                 .query_one("SHOW synchronous_commit", &[])
                 .await

@@ -1,11 +1,9 @@
 //! Config reload: targets, routes and access rules change while the relay
 //! runs; a config that cannot be applied is refused and the running one stays.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use postback_relay::config::Config;
 use tokio::io::AsyncReadExt;
 

@@ -5,13 +5,11 @@
 //! streams), and refused peers that must not starve allowed ones. Several
 //! source addresses are played with loopback aliases (127.0.0.x).
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::raw::{post_bytes, read_response, RawResponse};
+use crate::common::*;
 use base64::Engine;
-use common::raw::{post_bytes, read_response, RawResponse};
-use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,16 +1,14 @@
 //! `postback-relay targets|pause|resume|dlq|quarantine`: the real binary
 //! against a relay started in-process with its admin API on, found through
 //! the relay's own config file (`--config`) or `--admin` and `--token-file`.
-//! SQLite here; PostgreSQL as the `ops_cli_postgres` test target. Every wait
+//! SQLite, or PostgreSQL with `RELAY_TEST_BACKEND=postgres`. Every wait
 //! is bounded.
-
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rusqlite::types::Value as Sql;
 use serde_json::Value;
 use sha2::Digest;

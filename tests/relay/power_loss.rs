@@ -22,13 +22,11 @@
 //! It needs root and /dev/fuse (CI runs as root; `.ci/run` installs fuse3):
 //! without them it fails and says what is missing.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::process::*;
-use common::*;
+use crate::common::process::*;
+use crate::common::*;
 use lossyfs::Volume;
 
 /// Power cuts per run.

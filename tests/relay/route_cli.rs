@@ -1,12 +1,10 @@
 //! `postback-relay route`: the dry-run operators use to test routing rules
 //! before deploying them. Runs the real binary; nothing is stored.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 const ROUTES: &str = "targets:
   optout: {url: \"http://127.0.0.1:9/optout\"}

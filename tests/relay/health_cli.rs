@@ -1,10 +1,8 @@
 //! `postback-relay health`: the container HEALTHCHECK asks the admin listener.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn health(config: &std::path::Path, live: bool) -> (i32, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_postback-relay"));

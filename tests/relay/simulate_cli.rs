@@ -1,12 +1,10 @@
 //! `postback-relay simulate` against a real relay: the tool operators use to
 //! prove a deployment end to end before going live.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn simulate(args: &[&str]) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_postback-relay"))

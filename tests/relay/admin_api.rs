@@ -1,13 +1,11 @@
 //! The admin API (docs/admin-api.md) end to end: real HTTP on the admin
-//! listener of a running relay, real store (SQLite here; PostgreSQL as the
-//! `admin_api_postgres` test target).
-
-mod common;
+//! listener of a running relay, real store (SQLite, or PostgreSQL with
+//! `RELAY_TEST_BACKEND=postgres`).
 
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::Client;

@@ -5,7 +5,7 @@
 //! cluster (initdb + pg_ctl on a random port) that a test may stop and start.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -279,14 +279,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// initdb (trust authentication) and start; panics with the server's log
-    /// when it cannot.
-    pub fn start() -> Cluster {
-        Cluster::start_inner(None)
-    }
-
-    /// Like [`Cluster::start`], but user `postgres` must give `password`
-    /// (scram-sha-256) over TCP.
+    /// initdb and start, user `postgres` having to give `password`
+    /// (scram-sha-256) over TCP; panics with the server's log when it cannot.
     pub fn start_with_password(password: &str) -> Cluster {
         Cluster::start_inner(Some(password.to_owned()))
     }
@@ -439,11 +433,6 @@ impl Cluster {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-    }
-
-    /// The cluster's data directory (for the log).
-    pub fn dir(&self) -> &Path {
-        self.data.path()
     }
 }
 

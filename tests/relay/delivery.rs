@@ -1,16 +1,14 @@
 //! Delivery over real sockets: an in-process relay, recording sink servers on
 //! loopback, and the relay's own database and metrics as evidence. Backoffs are
 //! short so retries happen within a test; every wait is bounded. Runs on
-//! SQLite here and, compiled again as `delivery_postgres`, on PostgreSQL.
-
-mod common;
+//! SQLite, and on PostgreSQL with `RELAY_TEST_BACKEND=postgres`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::common::*;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use common::*;
 use hmac::{Hmac, KeyInit, Mac};
 use rusqlite::types::Value as Sql;
 use serde_json::Value;
@@ -666,7 +664,7 @@ async fn file_targets_get_one_envelope_per_line() {
 /// it); the test lifts the limit with prlimit. No root needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_file_write_leaves_only_whole_lines() {
-    use common::process::RelayProcess;
+    use crate::common::process::RelayProcess;
     const LIMIT: u64 = 1024 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("postbacks.jsonl");
@@ -683,7 +681,7 @@ async fn a_failed_file_write_leaves_only_whole_lines() {
         before.push('\n');
     }
     std::fs::write(&out, &before).unwrap();
-    let config = common::process::write_config(
+    let config = crate::common::process::write_config(
         dir.path(),
         &format!(
             "{DELIVERY}targets:\n  archive: {{kind: file, path: \"{}\"}}\nroutes:\n  - targets: [archive]\n",

@@ -3,7 +3,6 @@
 //! that record what they receive and answer as told, a target that never
 //! answers, a small tmpfs for a full disk, and a small HTTP client. The real
 //! binary and the load that is sent to it are in [`process`].
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod pg;
 pub mod raw;
@@ -33,11 +32,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// The seed MMS MO example from Sinch's documentation, verbatim.
-pub const SEED_XML: &str = include_str!("../fixtures/seed-mo.xml");
+pub const SEED_XML: &str = include_str!("../../fixtures/seed-mo.xml");
 
 /// The seed JSON example with its placeholders filled and its missing comma
 /// fixed (the documentation's own sample is not valid JSON).
-pub const SEED_JSON: &str = include_str!("../fixtures/seed-mo.json");
+pub const SEED_JSON: &str = include_str!("../../fixtures/seed-mo.json");
 
 /// An MO postback with a given tracking id, for tests that need many distinct ones.
 pub fn mo_xml(tracking_id: &str, keyword: &str, to: &str) -> String {
@@ -74,10 +73,9 @@ pub async fn bounded<T>(limit: Duration, what: &str, test: impl Future<Output = 
         .unwrap_or_else(|_| panic!("{what}: not finished within {limit:?}"))
 }
 
-/// The store backend a test binary runs against. A test target whose name
-/// ends in `_postgres` (e.g. `ingest_postgres`, which compiles the same
-/// `ingest.rs`) runs on PostgreSQL; any other on SQLite, unless
-/// `RELAY_TEST_BACKEND=postgres` says otherwise.
+/// The store backend the tests run against: SQLite, unless
+/// `RELAY_TEST_BACKEND=postgres` says otherwise (`.ci/run` runs the
+/// store-backed modules both ways).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// The embedded SQLite store in a temporary directory.
@@ -86,11 +84,8 @@ pub enum Backend {
     Postgres,
 }
 
-/// The backend of this test binary.
+/// The backend of this run.
 pub fn backend() -> Backend {
-    if env!("CARGO_CRATE_NAME").ends_with("_postgres") {
-        return Backend::Postgres;
-    }
     match std::env::var("RELAY_TEST_BACKEND").as_deref() {
         Ok("postgres") => Backend::Postgres,
         _ => Backend::Sqlite,
@@ -257,11 +252,6 @@ impl TestRelay {
     /// Path of the relay's SQLite database, for looking at what it kept.
     pub fn db_path(&self) -> PathBuf {
         self.store.path().join("relay.db")
-    }
-
-    /// Its config file.
-    pub fn config_path(&self) -> PathBuf {
-        self.store.path().join("relay.yaml")
     }
 
     /// Gracefully stops the relay and returns its store for a restart.
@@ -572,11 +562,6 @@ impl Sink {
             async move { (got.len() >= count).then_some(got) }
         })
         .await
-    }
-
-    /// Stops accepting connections (established ones finish).
-    pub fn stop(&self) {
-        self.stop.cancel();
     }
 }
 

@@ -1,18 +1,16 @@
 //! The real binary: crash (SIGKILL) and restart on the same store, graceful
-//! shutdown (SIGTERM), `check-config`, and JSON logs. Runs on SQLite here and,
-//! compiled again as `process_postgres`, on PostgreSQL.
+//! shutdown (SIGTERM), `check-config`, and JSON logs. Runs on SQLite, and on
+//! PostgreSQL with `RELAY_TEST_BACKEND=postgres`.
 //!
 //! The harness (the process guard, the load senders and their books) is in
 //! `common/process.rs`, shared with the fault tests in `faults.rs`.
-
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use common::process::*;
-use common::*;
+use crate::common::process::*;
+use crate::common::*;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;

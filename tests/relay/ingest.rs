@@ -1,7 +1,5 @@
-//! The public endpoint over real HTTP: what Sinch sees. Runs on SQLite here
-//! and, compiled again as the `ingest_postgres` test target, on PostgreSQL.
-
-mod common;
+//! The public endpoint over real HTTP: what Sinch sees. Runs on SQLite,
+//! and on PostgreSQL with `RELAY_TEST_BACKEND=postgres`.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -18,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::*;
+use crate::common::*;
 
 /// Upper bound of every wait for something that should happen.
 const WAIT: Duration = Duration::from_secs(10);

@@ -13,13 +13,11 @@
 //! sinks, hung listener, tmpfs) and `common::process` (the real binary and the
 //! load senders).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::process::*;
-use common::*;
+use crate::common::process::*;
+use crate::common::*;
 
 /// The hard limit of every test here.
 const LIMIT: Duration = Duration::from_secs(90);
