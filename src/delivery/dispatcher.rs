@@ -75,17 +75,23 @@ pub(super) async fn run_dispatcher(
     ingest: Arc<IngestLoad>,
     shutdown: CancellationToken,
 ) {
-    Dispatcher::new(
-        target.clone(),
-        target,
+    let wiring = Wiring {
         store,
         control,
         hot,
         ingest,
         shutdown,
-    )
-    .run()
-    .await
+    };
+    Dispatcher::new(target.clone(), target, wiring).run().await
+}
+
+/// What a dispatcher is connected to besides its target.
+struct Wiring {
+    store: Arc<dyn Store>,
+    control: Arc<Control>,
+    hot: mpsc::Receiver<Job>,
+    ingest: Arc<IngestLoad>,
+    shutdown: CancellationToken,
 }
 
 /// A running dispatcher's state.
@@ -126,15 +132,14 @@ struct Dispatcher<E: Endpoint> {
 
 impl<E: Endpoint> Dispatcher<E> {
     /// Ready to run; its recorder already runs.
-    fn new(
-        target: Arc<Target>,
-        endpoint: Arc<E>,
-        store: Arc<dyn Store>,
-        control: Arc<Control>,
-        hot: mpsc::Receiver<Job>,
-        ingest: Arc<IngestLoad>,
-        shutdown: CancellationToken,
-    ) -> Dispatcher<E> {
+    fn new(target: Arc<Target>, endpoint: Arc<E>, wiring: Wiring) -> Dispatcher<E> {
+        let Wiring {
+            store,
+            control,
+            hot,
+            ingest,
+            shutdown,
+        } = wiring;
         let round = target.concurrency.max(1);
         let (outcomes, recorder) = start_recorder(store.clone(), target.name.clone());
         Dispatcher {

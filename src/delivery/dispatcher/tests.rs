@@ -149,15 +149,15 @@ async fn start(jobs: usize, concurrency: usize, paused: bool, fake: Arc<Fake>) -
     // Nothing is handed over in these tests: every job is claimed.
     let (_handover, hot) = mpsc::channel(1);
     let started_at = Instant::now();
-    let dispatcher = Dispatcher::new(
-        Arc::new(target(dir.path(), concurrency)),
-        fake.clone(),
-        store.clone(),
-        control.clone(),
+    let wiring = Wiring {
+        store: store.clone(),
+        control: control.clone(),
         hot,
-        Arc::new(IngestLoad::default()),
-        shutdown.clone(),
-    );
+        ingest: Arc::new(IngestLoad::default()),
+        shutdown: shutdown.clone(),
+    };
+    let target = Arc::new(target(dir.path(), concurrency));
+    let dispatcher = Dispatcher::new(target, fake.clone(), wiring);
     Running {
         _dir: dir,
         store,
@@ -239,14 +239,25 @@ struct Stopped {
 }
 
 impl Stopped {
-    /// The jobs due now (taking them), as (event id, attempts made).
-    async fn due(&self) -> Vec<(String, u32)> {
+    /// The jobs due now (taking them), each checked to have been given
+    /// back unattempted.
+    async fn due_unattempted(&self) -> Vec<String> {
         let jobs = self
             .store
             .claim(TARGET, 100, Duration::from_secs(60))
             .await
             .unwrap();
-        jobs.into_iter().map(|j| (j.event_id, j.attempts)).collect()
+        for job in &jobs {
+            assert_eq!(job.attempts, 0, "{} was attempted", job.event_id);
+        }
+        jobs.into_iter().map(|job| job.event_id).collect()
+    }
+
+    /// Asserts that the store holds just `events`' jobs, given back
+    /// unattempted and due at once.
+    async fn holds_only(&self, events: &[&str]) {
+        assert_eq!(self.due_unattempted().await, events);
+        assert_eq!(self.pending().await, events.len() as u64);
     }
 
     /// Jobs not yet delivered.
@@ -318,7 +329,10 @@ async fn a_retry_is_claimed_again_on_the_poll_once_it_is_due() {
     assert_eq!(running.fake.seen().len(), 2);
     let stopped = running.stop().await;
     assert_eq!(stopped.pending().await, 1);
-    assert!(stopped.due().await.is_empty(), "due only after Retry-After");
+    assert!(
+        stopped.due_unattempted().await.is_empty(),
+        "due only after Retry-After"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -345,17 +359,9 @@ async fn a_pause_gives_back_the_claimed_jobs_and_lets_the_attempt_in_flight_fini
         ["event-0"],
         "nothing new started"
     );
+    // event-0 was delivered; the jobs claimed after it were given back.
     let stopped = running.stop().await;
-    assert_eq!(
-        stopped.due().await,
-        [
-            ("event-1".into(), 0),
-            ("event-2".into(), 0),
-            ("event-3".into(), 0)
-        ],
-        "given back unattempted, due at once"
-    );
-    assert_eq!(stopped.pending().await, 3, "event-0 was delivered");
+    stopped.holds_only(&["event-1", "event-2", "event-3"]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -369,15 +375,7 @@ async fn shutdown_gives_back_what_waits_and_drains_the_attempts_in_flight() {
         "it waits for the attempts in flight"
     );
     running.fake.gate.add_permits(2);
+    // Both attempts were recorded; the jobs not started went back.
     let stopped = running.stop().await;
-    assert_eq!(
-        stopped.due().await,
-        [
-            ("event-2".into(), 0),
-            ("event-3".into(), 0),
-            ("event-4".into(), 0)
-        ],
-        "the jobs not started went back at once"
-    );
-    assert_eq!(stopped.pending().await, 3, "both attempts were recorded");
+    stopped.holds_only(&["event-2", "event-3", "event-4"]).await;
 }
