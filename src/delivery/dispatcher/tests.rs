@@ -22,7 +22,7 @@ use crate::delivery::retry::{RetryPolicy, Verdict};
 use crate::delivery::sink::{self, FileSink, Sink};
 use crate::delivery::TargetMetrics;
 use crate::metrics::Metrics;
-use crate::store::{NewPostback, QuarantineLimits, SqliteOptions, SqliteStore};
+use crate::store::{JobId, NewPostback, QuarantineLimits, SqliteOptions, SqliteStore};
 
 const TARGET: &str = "hooks";
 /// Longest a test waits for attempts to start, on the paused clock (the
@@ -119,6 +119,8 @@ struct Running {
     _dir: tempfile::TempDir,
     store: Arc<dyn Store>,
     control: Arc<Control>,
+    /// Ingest's way in: hand-overs.
+    handover: mpsc::Sender<Job>,
     fake: Arc<Fake>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -142,12 +144,11 @@ async fn start(jobs: usize, concurrency: usize, paused: bool, fake: Arc<Fake>) -
         .unwrap(),
     );
     for n in 0..jobs {
-        queue(&store, n).await;
+        queue(&store, n, None).await;
     }
     let control = Arc::new(Control::new(paused));
     let shutdown = CancellationToken::new();
-    // Nothing is handed over in these tests: every job is claimed.
-    let (_handover, hot) = mpsc::channel(1);
+    let (handover, hot) = mpsc::channel(1);
     let started_at = Instant::now();
     let wiring = Wiring {
         store: store.clone(),
@@ -162,6 +163,7 @@ async fn start(jobs: usize, concurrency: usize, paused: bool, fake: Arc<Fake>) -
         _dir: dir,
         store,
         control,
+        handover,
         fake,
         shutdown,
         task: tokio::spawn(dispatcher.run()),
@@ -188,8 +190,9 @@ fn target(dir: &Path, concurrency: usize) -> Target {
     }
 }
 
-/// Commits postback `n` for the target and waits until its job exists.
-async fn queue(store: &Arc<dyn Store>, n: usize) {
+/// Commits postback `n` for the target, its job leased until
+/// `leased_until_ms` if given, and waits until the job exists: its id.
+async fn queue(store: &Arc<dyn Store>, n: usize, leased_until_ms: Option<i64>) -> Vec<JobId> {
     let (committed, jobs_exist) = oneshot::channel();
     store
         .accept(
@@ -201,15 +204,15 @@ async fn queue(store: &Arc<dyn Store>, n: usize) {
                 raw_body: Bytes::from_static(b"<xml/>"),
                 content_type: None,
                 targets: vec![TARGET.into()],
-                leased_until_ms: None,
+                leased_until_ms,
             },
-            Some(Box::new(move |_| {
-                let _ = committed.send(());
+            Some(Box::new(move |ids| {
+                let _ = committed.send(ids.to_vec());
             })),
         )
         .await
         .unwrap();
-    jobs_exist.await.unwrap();
+    jobs_exist.await.unwrap()
 }
 
 impl Running {
@@ -378,4 +381,29 @@ async fn shutdown_gives_back_what_waits_and_drains_the_attempts_in_flight() {
     // Both attempts were recorded; the jobs not started went back.
     let stopped = running.stop().await;
     stopped.holds_only(&["event-2", "event-3", "event-4"]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_handed_over_in_memory_is_sent_and_recorded() {
+    let running = start(0, 2, false, Fake::new(&[], true)).await;
+    let leased_until_ms = now_ms() + 60_000;
+    let ids = queue(&running.store, 7, Some(leased_until_ms)).await;
+    assert_eq!(ids.len(), 1, "the store leased the job at insert");
+    let job = Job {
+        id: ids[0],
+        event_id: "event-7".into(),
+        tracking_id: None,
+        target: TARGET.into(),
+        attempts: 0,
+        created_at_ms: now_ms(),
+        envelope: Bytes::from_static(br#"{"subject":"tracking-7"}"#),
+        raw_body: Bytes::from_static(b"<xml/>"),
+        content_type: None,
+        leased_until_ms,
+    };
+    running.handover.send(job).await.unwrap();
+    let seen = running.fake.started(1).await;
+    assert_eq!(events(&seen), ["event-7"]);
+    let stopped = running.stop().await;
+    assert_eq!(stopped.pending().await, 0, "its delivery was recorded");
 }
