@@ -54,7 +54,7 @@ pub struct Control {
 }
 
 impl Control {
-    fn new(paused: bool) -> Control {
+    pub(super) fn new(paused: bool) -> Control {
         Control {
             wake: Notify::new(),
             paused: watch::Sender::new(paused),
