@@ -90,9 +90,18 @@ fn secret_headers_come_from_the_environment_or_a_file() {
         key_file.display()
     ))
     .unwrap();
-    let headers = &config.targets["inbox"].headers;
-    assert_eq!(headers["X-Team"].value().unwrap(), "mms");
-    assert_eq!(headers["X-Key"].value().unwrap(), "from-a-file");
+    let headers: Vec<(&str, &[u8])> = config.targets["inbox"]
+        .headers
+        .iter()
+        .map(|(name, header)| (name.0.as_str(), header.value.as_bytes()))
+        .collect();
+    assert_eq!(
+        headers,
+        [("x-key", &b"from-a-file"[..]), ("x-team", &b"mms"[..])]
+    );
+    // Where a secret came from is shown, never the secret.
+    let shown = format!("{config:?}");
+    assert!(shown.contains("x-key") && !shown.contains("from-a-file"), "{shown}");
 
     let problems = load(
         "targets:\n  inbox:\n    url: http://127.0.0.1:9/\n    headers: {X-Api-Key: {env: RELAY_TEST_NO_SUCH_VARIABLE}}\n",
@@ -109,4 +118,36 @@ fn a_target_backoff_is_checked_with_the_defaults_it_inherits() {
             .unwrap_err();
     assert!(problem(&problems, "targets.slow.backoff.initial").contains("1h"));
     assert_eq!(problems.len(), 1, "{problems:#?}");
+}
+
+#[test]
+fn header_names_are_checked_at_their_key() {
+    let problems = load(
+        "targets:\n  inbox:\n    url: http://127.0.0.1:9/\n    headers: {\"Bad Name\": x, X-Ok: \"a\\nb\"}\n",
+    )
+    .unwrap_err();
+    assert!(problem(&problems, "targets.inbox.headers.Bad Name").contains("header name"));
+    assert!(problem(&problems, "targets.inbox.headers.X-Ok").contains("header value"));
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+}
+
+#[test]
+fn a_changed_secret_changes_the_config_and_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    let yaml = format!(
+        "targets:\n  inbox:\n    url: http://127.0.0.1:9/\n    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n    headers: {{X-Key: {{file: {}}}}}\n",
+        key_file.display()
+    );
+    std::fs::write(&key_file, "first-secret").unwrap();
+    let first = load(&yaml).unwrap();
+    assert_eq!(first, load(&yaml).unwrap());
+    std::fs::write(&key_file, "second-secret").unwrap();
+    let second = load(&yaml).unwrap();
+    assert_ne!(first.targets["inbox"], second.targets["inbox"]);
+    let shown = format!("{second:?}");
+    assert!(
+        !shown.contains("second-secret") && !shown.contains("MfKQ9r8"),
+        "{shown}"
+    );
 }
