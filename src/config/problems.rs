@@ -81,11 +81,9 @@ impl Problems {
     }
 }
 
-
 /// How often a file is repaired (the offending key dropped) and deserialized
 /// again to find the next structural problem: far more than a real file has.
 const MAX_STRUCTURE_ROUNDS: usize = 64;
-
 
 /// ` (did you mean `x`?)` when one of `known` is close to `found`, else nothing.
 pub(super) fn suggestion(found: &str, known: &[&str]) -> String {
@@ -206,4 +204,3 @@ fn remove_in(value: &mut Value, path: &[String]) -> bool {
         _ => false,
     }
 }
-

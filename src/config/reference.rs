@@ -62,7 +62,6 @@ impl JsonSchema for HeaderSetting {
 
 /// Defaults in the configuration reference are written as a user would
 /// write them: the largest unit that divides the duration (`10m`, `1d`).
-#[cfg(test)]
 impl serde::Serialize for HumanDuration {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         const UNITS: [(&str, u128); 5] = [
@@ -81,9 +80,26 @@ impl serde::Serialize for HumanDuration {
     }
 }
 
+/// An empty list of ranges is shown as `[]`.
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+/// An empty condition is shown as `[]`.
+impl serde::Serialize for OneOrMany {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
 /// Where the generated reference is committed.
 fn committed_path() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
 }
 
 /// The whole reference: the config's own description, then one section per
@@ -92,7 +108,11 @@ fn committed_path() -> PathBuf {
 fn render() -> (String, Vec<String>) {
     let schema = schemars::schema_for!(Config);
     let root = schema.as_value();
-    let defs = root.get("$defs").and_then(Value::as_object).cloned().unwrap_or_default();
+    let defs = root
+        .get("$defs")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     let reference = Reference { defs };
     let mut out = String::from(
         "# Configuration reference\n\n\
@@ -102,14 +122,19 @@ fn render() -> (String, Vec<String>) {
     out.push_str(&paragraphs(text(root, "description")));
     let mut undocumented = Vec::new();
     for (key, property) in properties(root) {
-        out.push_str(&format!("\n\n## `{key}`\n\n{}", paragraphs(text(property, "description"))));
+        out.truncate(out.trim_end().len());
+        out.push_str(&format!("\n\n## `{key}`\n\n"));
         let (inner, _) = reference.unwrap_collection(property);
-        let about = text(inner, "description");
-        if !about.is_empty() && about != text(property, "description") {
-            out.push_str(&format!("\n\n{}", paragraphs(about)));
+        if inner.get("properties").is_some() {
+            // A section: what it is for (its type's text, else the field's),
+            // then its keys; a single key says it in its row.
+            let about = Some(text(inner, "description"))
+                .filter(|about| !about.is_empty())
+                .unwrap_or(text(property, "description"));
+            out.push_str(&format!("{}\n\n", paragraphs(about)));
         }
-        out.push_str("\n\n| key | default | meaning |\n| --- | --- | --- |\n");
-        reference.rows(key, property, &mut out, &mut undocumented);
+        out.push_str("| key | default | meaning |\n| --- | --- | --- |\n");
+        reference.rows(key, property, true, &mut out, &mut undocumented);
     }
     (out.trim_end().to_owned() + "\n", undocumented)
 }
@@ -153,18 +178,29 @@ impl Reference {
         (resolved, "")
     }
 
-    /// One row per leaf key below `path`.
-    fn rows(&self, path: &str, schema: &Value, out: &mut String, undocumented: &mut Vec<String>) {
+    /// One row per key below `path` (a section's own text is its heading's).
+    fn rows(
+        &self,
+        path: &str,
+        schema: &Value,
+        section: bool,
+        out: &mut String,
+        undocumented: &mut Vec<String>,
+    ) {
         let (inner, written) = self.unwrap_collection(schema);
-        if inner.get("properties").is_some() {
-            for (key, property) in properties(inner) {
-                self.rows(&format!("{path}{written}.{key}"), property, out, undocumented);
-            }
-            return;
-        }
         let mut meaning = paragraphs(text(schema, "description"));
         if meaning.is_empty() {
             undocumented.push(path.to_owned());
+        }
+        if inner.get("properties").is_some() {
+            if !section {
+                out.push_str(&row(path, schema, &meaning));
+            }
+            for (key, property) in properties(inner) {
+                let below = format!("{path}{written}.{key}");
+                self.rows(&below, property, false, out, undocumented);
+            }
+            return;
         }
         let variants: Vec<String> = inner
             .get("oneOf")
@@ -173,27 +209,41 @@ impl Reference {
             .flatten()
             .filter_map(|variant| {
                 let name = variant.get("const").and_then(Value::as_str)?;
-                Some(format!("`{name}`: {}", paragraphs(text(variant, "description"))))
+                let about = paragraphs(text(variant, "description"));
+                Some(format!("`{name}` ({})", about.trim_end_matches('.')))
             })
             .collect();
         if !variants.is_empty() {
-            meaning.push_str(&format!(" One of {}.", variants.join("; ")));
+            meaning.push_str(&format!(" One of: {}.", variants.join(", ")));
         }
-        out.push_str(&format!(
-            "| `{path}` | {} | {} |\n",
-            default_of(schema),
-            meaning.replace('|', "\\|")
-        ));
+        out.push_str(&row(path, schema, &meaning));
     }
+}
+
+/// One table row: the key, its default, what it means.
+fn row(path: &str, schema: &Value, meaning: &str) -> String {
+    format!(
+        "| `{path}` | {} | {} |\n",
+        default_of(schema),
+        meaning.replace('|', "\\|")
+    )
 }
 
 /// A schema's properties, in the order schemars keeps them.
 fn properties(schema: &Value) -> impl Iterator<Item = (&String, &Value)> {
-    schema.get("properties").and_then(Value::as_object).into_iter().flatten()
+    schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
 }
 
 fn text<'s>(schema: &'s Value, field: &str) -> &'s str {
-    schema.get(field).and_then(Value::as_str).unwrap_or_default().trim()
+    schema
+        .get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .trim()
 }
 
 /// Doc comment lines joined: a table cell (and a section's text) is one line
@@ -217,7 +267,10 @@ fn default_of(schema: &Value) -> String {
 #[test]
 fn every_config_key_has_a_doc_comment() {
     let (_, undocumented) = render();
-    assert!(undocumented.is_empty(), "keys without a doc comment: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "keys without a doc comment: {undocumented:?}"
+    );
 }
 
 #[test]

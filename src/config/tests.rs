@@ -62,9 +62,8 @@ fn every_problem_of_a_file_is_reported_at_once() {
 
 #[test]
 fn a_value_refused_for_its_type_is_not_reported_twice() {
-    let problems =
-        load("targets:\n  a: {url: \"http://127.0.0.1:9/\"}\nroutes:\n  - targets: a\n")
-            .unwrap_err();
+    let problems = load("targets:\n  a: {url: \"http://127.0.0.1:9/\"}\nroutes:\n  - targets: a\n")
+        .unwrap_err();
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(problems[0].0 == "routes[0].targets", "{problems:#?}");
 }
@@ -101,7 +100,10 @@ fn secret_headers_come_from_the_environment_or_a_file() {
     );
     // Where a secret came from is shown, never the secret.
     let shown = format!("{config:?}");
-    assert!(shown.contains("x-key") && !shown.contains("from-a-file"), "{shown}");
+    assert!(
+        shown.contains("x-key") && !shown.contains("from-a-file"),
+        "{shown}"
+    );
 
     let problems = load(
         "targets:\n  inbox:\n    url: http://127.0.0.1:9/\n    headers: {X-Api-Key: {env: RELAY_TEST_NO_SUCH_VARIABLE}}\n",

@@ -157,7 +157,9 @@ impl<'de> Deserialize<'de> for HeaderKey {
         let name = String::deserialize(deserializer)?;
         HeaderName::from_bytes(name.as_bytes())
             .map(HeaderKey)
-            .map_err(|_| serde::de::Error::custom(format!("found `{name}`, expected a header name")))
+            .map_err(|_| {
+                serde::de::Error::custom(format!("found `{name}`, expected a header name"))
+            })
     }
 }
 
