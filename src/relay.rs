@@ -312,41 +312,37 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
 
 /// Settings that differ between `old` and `new` but are only read at start.
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let differs =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let mut keys = Vec::new();
+    let (a, b) = (&old.ingest, &new.ingest);
     let checks: [(&'static str, bool); 7] = [
         ("listen", old.listen != new.listen),
         ("admin_listen", old.admin_listen != new.admin_listen),
-        ("tls", differs(&old.tls, &new.tls)),
-        ("store", differs(&old.store, &new.store)),
-        ("envelope", differs(&old.envelope, &new.envelope)),
-        ("ingest.path", old.ingest.path != new.ingest.path),
+        ("tls", old.tls != new.tls),
+        ("store", old.store != new.store),
+        ("envelope", old.envelope != new.envelope),
+        ("ingest.path", a.path != b.path),
         (
             "ingest (limits and timeouts)",
-            differs(
-                &(
-                    old.ingest.max_body_bytes,
-                    old.ingest.dedupe_window,
-                    old.ingest.idle_timeout,
-                    old.ingest.header_read_timeout,
-                    old.ingest.body_read_timeout,
-                    old.ingest.max_connections,
-                    old.ingest.max_connections_per_source,
-                    old.ingest.max_concurrent_streams,
-                    old.ingest.proxy_protocol,
-                ),
-                &(
-                    new.ingest.max_body_bytes,
-                    new.ingest.dedupe_window,
-                    new.ingest.idle_timeout,
-                    new.ingest.header_read_timeout,
-                    new.ingest.body_read_timeout,
-                    new.ingest.max_connections,
-                    new.ingest.max_connections_per_source,
-                    new.ingest.max_concurrent_streams,
-                    new.ingest.proxy_protocol,
-                ),
+            (
+                a.max_body_bytes,
+                a.dedupe_window,
+                a.idle_timeout,
+                a.header_read_timeout,
+                a.body_read_timeout,
+                a.max_connections,
+                a.max_connections_per_source,
+                a.max_concurrent_streams,
+                a.proxy_protocol,
+            ) != (
+                b.max_body_bytes,
+                b.dedupe_window,
+                b.idle_timeout,
+                b.header_read_timeout,
+                b.body_read_timeout,
+                b.max_connections,
+                b.max_connections_per_source,
+                b.max_concurrent_streams,
+                b.proxy_protocol,
             ),
         ),
     ];

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use super::sink::HttpClient;
 use super::{build_targets, run_dispatcher};
-use crate::config::Config;
+use crate::config::{Config, DeliveryConfig, TargetConfig};
 use crate::live::Live;
 use crate::load::IngestLoad;
 use crate::metrics::Metrics;
@@ -80,7 +80,7 @@ struct Inlet {
 /// One running dispatcher.
 struct Running {
     /// The target's settings it runs with, to tell whether a reload changed them.
-    settings: String,
+    settings: (Option<TargetConfig>, DeliveryConfig),
     inlet: Arc<Inlet>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -228,10 +228,9 @@ impl Fleet {
         let mut wanted = BTreeMap::new();
         let mut retired = Vec::new();
         for target in build_targets(config, &self.client, &self.metrics) {
-            let settings = format!(
-                "{:?} {:?}",
-                config.targets.get(&target.name),
-                config.delivery
+            let settings = (
+                config.targets.get(&target.name).cloned(),
+                config.delivery.clone(),
             );
             let mut predecessors = Vec::new();
             let control = match running.remove(&target.name) {

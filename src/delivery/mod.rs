@@ -18,14 +18,12 @@ pub mod sink;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::{HeaderName, HeaderValue};
 use prometheus::{Histogram, IntCounter};
 
 use crate::config::{Config, TargetKind};
 use crate::metrics::Metrics;
 use dispatcher::run_dispatcher;
 use retry::RetryPolicy;
-use signing::SigningKey;
 use sink::{FileSink, HttpClient, HttpSink, Sink};
 
 /// A configured target, resolved for delivery.
@@ -82,30 +80,14 @@ fn build_targets(config: &Config, client: &HttpClient, metrics: &Metrics) -> Vec
             let sink = match target.kind {
                 TargetKind::Http => Sink::Http(HttpSink {
                     client: client.clone(),
-                    url: target
-                        .url
-                        .as_deref()
-                        .unwrap_or_default()
-                        .parse()
-                        .expect("validated with the config"),
+                    url: target.url.clone().map(|url| url.0).unwrap_or_default(),
                     headers: target
                         .headers
                         .iter()
-                        .map(|(k, v)| {
-                            // Secrets are read again here: validation read them moments ago.
-                            let value = v.value().expect("validated with the config");
-                            (
-                                HeaderName::from_bytes(k.as_bytes())
-                                    .expect("validated with the config"),
-                                HeaderValue::from_str(&value).expect("validated with the config"),
-                            )
-                        })
+                        .map(|(name, header)| (name.0.clone(), header.value.clone()))
                         .collect(),
                     payload: target.payload,
-                    signing: target
-                        .secret
-                        .as_deref()
-                        .map(|s| SigningKey::parse(s).expect("validated with the config")),
+                    signing: target.secret.clone(),
                 }),
                 TargetKind::File => {
                     Sink::File(FileSink::new(target.path.clone().unwrap_or_default()))

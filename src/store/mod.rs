@@ -40,7 +40,7 @@ use bytes::Bytes;
 use crate::config::{Config, QuarantineConfig, StoreBackend};
 
 pub use handoff::{Committer, FreshJobs, Reservation};
-pub use postgres::{describe_url, PostgresOptions, PostgresStore, MIN_POOL_SIZE};
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Opens the backend the config names (`store.backend`) for the relay

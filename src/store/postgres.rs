@@ -63,6 +63,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::describe_url;
+
 use super::{
     now_ms, Acceptance, AfterCommit, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId,
     Job, JobId, Kept, NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter,
@@ -91,8 +93,9 @@ const HEARTBEAT_KEEP_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Key of the advisory lock that serialises migrations of instances starting
 /// at once ("relaymig" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
-/// Smallest pool that leaves room for delivery next to the accept writers.
-pub const MIN_POOL_SIZE: usize = ACCEPT_WRITERS + 2;
+// The config's smallest pool (`store.pool_size`) must leave room for
+// delivery next to the accept writers.
+const _: () = assert!(ACCEPT_WRITERS + 2 <= crate::config::MIN_POOL_SIZE);
 
 /// The schema, one entry per version; each migrates from the previous one.
 /// Table and column names are those of the SQLite store.
@@ -371,39 +374,6 @@ impl std::fmt::Debug for PostgresOptions {
             .field("max_queued_bytes", &self.max_queued_bytes)
             .finish_non_exhaustive()
     }
-}
-
-/// Where a PostgreSQL URL points, without its password: `host:port/dbname`.
-pub fn describe_url(url: &str) -> String {
-    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
-        return "(invalid URL)".to_owned();
-    };
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, host)| {
-            let host = match host {
-                tokio_postgres::config::Host::Tcp(name) => name.clone(),
-                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-            };
-            let port = config
-                .get_ports()
-                .get(i)
-                .or(config.get_ports().first())
-                .copied()
-                .unwrap_or(5432);
-            format!("{host}:{port}")
-        })
-        .collect();
-    format!(
-        "{}/{}",
-        hosts.join(","),
-        config
-            .get_dbname()
-            .or(config.get_user())
-            .unwrap_or("postgres")
-    )
 }
 
 /// The PostgreSQL implementation of [`Store`].
@@ -1798,23 +1768,6 @@ mod tests {
         assert!(hashed.starts_with("nul-sha256:"), "{hashed}");
         assert!(!hashed.contains('|') && !hashed.contains('\0'));
         assert_ne!(hashed, storable_key("MMS_MO|N401|a\0c"));
-    }
-
-    #[test]
-    fn urls_are_described_without_their_password() {
-        assert_eq!(
-            describe_url("postgres://relay:s3cret@db.internal:6432/relay?sslmode=disable"),
-            "db.internal:6432/relay"
-        );
-        assert_eq!(
-            describe_url("postgres://postgres@127.0.0.1/postgres"),
-            "127.0.0.1:5432/postgres"
-        );
-        assert_eq!(
-            describe_url("host=a,b port=5432 dbname=relay user=x password=y"),
-            "a:5432,b:5432/relay"
-        );
-        assert_eq!(describe_url("nonsense://"), "(invalid URL)");
     }
 
     #[test]
