@@ -390,7 +390,7 @@ impl Bench {
         let relay_cpu = || -> Option<u64> { relays.iter().map(|r| cpu_ticks(r.pid())).sum() };
         let (cpu_before, machine_before) = (relay_cpu(), machine_ticks());
         let load = self.measure(addrs, connections, &dir)?;
-        let mut stats = RunStats::from_load(&load);
+        let mut stats = load.stats.clone();
         insert_cpu(&mut stats, machine_before);
         if let (Some(before), Some(after)) = (cpu_before, relay_cpu()) {
             // Ticks are 10 ms; over warm-up and the measured run.
@@ -446,10 +446,10 @@ impl Bench {
         if instances > 1 {
             stats.extra.insert("instances".into(), json!(instances));
         }
-        if load.errors > 0 {
+        if load.stats.errors > 0 {
             notes.push(format!(
                 "{} load errors, e.g. {:?}",
-                load.errors, load.error_samples
+                load.stats.errors, load.error_samples
             ));
         }
         drop(database);
@@ -468,7 +468,7 @@ impl Bench {
         let server = start_baseline(kind, &dir, self.s.workers);
         let machine_before = machine_ticks();
         let load = self.measure(vec![server.addr], connections, &dir)?;
-        let mut stats = RunStats::from_load(&load);
+        let mut stats = load.stats.clone();
         insert_cpu(&mut stats, machine_before);
         let syncs = server.sync_stats.syncs.load(Ordering::Relaxed);
         let records = server.sync_stats.records.load(Ordering::Relaxed);

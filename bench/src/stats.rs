@@ -16,16 +16,9 @@ pub const S2PG2_MAX_P99_MS: f64 = 50.0;
 /// one or wrk), so both feed the same table.
 #[derive(Debug, Clone)]
 pub struct Measured {
-    /// Answered (200) requests per second in the measured window.
-    pub rps: f64,
-    /// Latency quantiles in milliseconds (NaN without data).
-    pub p50: f64,
-    pub p99: f64,
-    pub p999: f64,
-    /// 200 answers in the measured window.
-    pub ok: u64,
-    /// Non-200 answers, timeouts and connection errors.
-    pub errors: u64,
+    /// The table's numbers (rate in the measured window, latencies in ms,
+    /// NaN without data; 200s and errors); `extra` empty.
+    pub stats: RunStats,
     /// The first few errors, for the report.
     pub error_samples: Vec<String>,
     /// 200 answers in the whole run, warm-up included (CPU per postback).
@@ -36,12 +29,15 @@ impl Measured {
     /// The built-in generator's result, reduced to what the table shows.
     pub fn from_builtin(load: &LoadResult) -> Measured {
         Measured {
-            rps: load.rps(),
-            p50: load.quantile_ms(0.50),
-            p99: load.quantile_ms(0.99),
-            p999: load.quantile_ms(0.999),
-            ok: load.ok,
-            errors: load.errors,
+            stats: RunStats {
+                rps: load.rps(),
+                p50: load.quantile_ms(0.50),
+                p99: load.quantile_ms(0.99),
+                p999: load.quantile_ms(0.999),
+                ok: load.ok,
+                errors: load.errors,
+                extra: serde_json::Map::new(),
+            },
             error_samples: load.error_samples.clone(),
             answered_total: load.answered_total,
         }
@@ -62,19 +58,6 @@ pub struct RunStats {
 }
 
 impl RunStats {
-    /// A timed load's numbers, before the caller adds its extras.
-    pub fn from_load(load: &Measured) -> RunStats {
-        RunStats {
-            rps: load.rps,
-            p50: load.p50,
-            p99: load.p99,
-            p999: load.p999,
-            ok: load.ok,
-            errors: load.errors,
-            extra: serde_json::Map::new(),
-        }
-    }
-
     /// The run as the JSON results list it.
     pub fn json(&self) -> Value {
         let mut value = json!({

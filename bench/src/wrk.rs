@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::stats::Measured;
+use crate::stats::{Measured, RunStats};
 
 /// The program run (found on PATH).
 const WRK: &str = "wrk";
@@ -77,16 +77,19 @@ pub fn run(spec: &WrkSpec) -> Result<Measured, String> {
     let ok = measured.ok();
     let latency = |us: f64| if ok > 0 { us / 1000.0 } else { f64::NAN };
     Ok(Measured {
-        rps: if measured.seconds > 0.0 {
-            ok as f64 / measured.seconds
-        } else {
-            0.0
+        stats: RunStats {
+            rps: if measured.seconds > 0.0 {
+                ok as f64 / measured.seconds
+            } else {
+                0.0
+            },
+            p50: latency(measured.p50_us),
+            p99: latency(measured.p99_us),
+            p999: latency(measured.p999_us),
+            ok,
+            errors: measured.non_2xx + measured.socket_errors,
+            extra: serde_json::Map::new(),
         },
-        p50: latency(measured.p50_us),
-        p99: latency(measured.p99_us),
-        p999: latency(measured.p999_us),
-        ok,
-        errors: measured.non_2xx + measured.socket_errors,
         error_samples: measured.error_lines,
         answered_total: warmed + ok,
     })
