@@ -4,6 +4,10 @@
 //! address; it is not meant for the internet.
 
 mod api;
+mod kinds;
+pub mod model;
+pub mod openapi;
+mod refusal;
 
 use std::sync::Arc;
 
