@@ -48,8 +48,7 @@ pub(super) trait Kind: Send + Sync + 'static {
     const PLURAL: &'static str;
 
     /// A selection's listed keys, filter and `all`.
-    fn split(selection: Self::Selection)
-        -> Result<(Vec<Self::Key>, Self::Filter, bool), Refusal>;
+    fn split(selection: Self::Selection) -> Result<(Vec<Self::Key>, Self::Filter, bool), Refusal>;
     /// A listing's filter.
     fn filter(listing: &Listing) -> Self::Filter;
     /// The item's key.
@@ -106,7 +105,9 @@ impl Kind for DeadLetters {
         &["target", "reason", "since", "until", "limit", "after"];
     const PLURAL: &'static str = "dead letters";
 
-    fn split(s: DeadLetterSelection) -> Result<(Vec<DeadLetterId>, DeadLetterFilter, bool), Refusal> {
+    fn split(
+        s: DeadLetterSelection,
+    ) -> Result<(Vec<DeadLetterId>, DeadLetterFilter, bool), Refusal> {
         let filter = DeadLetterFilter {
             target: s.target,
             reason: s.reason,
@@ -388,7 +389,10 @@ impl<K: Kind> Walk<K> {
     }
 
     /// The next chunk, or None when the walk is done.
-    pub(super) async fn next(&mut self, store: &dyn Store) -> Result<Option<Vec<K::Item>>, Refusal> {
+    pub(super) async fn next(
+        &mut self,
+        store: &dyn Store,
+    ) -> Result<Option<Vec<K::Item>>, Refusal> {
         match &mut self.chosen {
             Chosen::Keys { keys, position } => {
                 let start = (*position).min(keys.len());

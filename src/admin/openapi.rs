@@ -93,7 +93,9 @@ impl Modify for EveryOperation {
                 .description(description)
                 .content("application/json", error)
                 .build();
-            components.responses.insert(name.to_owned(), response.into());
+            components
+                .responses
+                .insert(name.to_owned(), response.into());
         }
         for item in openapi.paths.paths.values_mut() {
             for operation in [&mut item.get, &mut item.post].into_iter().flatten() {

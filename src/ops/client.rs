@@ -248,7 +248,9 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 fn interpret<T: DeserializeOwned>(status: StatusCode, answer: &[u8]) -> Result<T, OpsError> {
     if status.is_success() {
         return serde_json::from_slice(answer).map_err(|err| {
-            OpsError::Relay(format!("{status}, but the answer is not what the API sends: {err}"))
+            OpsError::Relay(format!(
+                "{status}, but the answer is not what the API sends: {err}"
+            ))
         });
     }
     let message = serde_json::from_slice::<ErrorBody>(answer)
@@ -299,7 +301,8 @@ mod tests {
 
     #[test]
     fn errors_carry_the_status_and_the_apis_message() {
-        let err = interpret::<Targets>(StatusCode::UNAUTHORIZED, br#"{"error": "no"}"#).unwrap_err();
+        let err =
+            interpret::<Targets>(StatusCode::UNAUTHORIZED, br#"{"error": "no"}"#).unwrap_err();
         assert_eq!(err.to_string(), "401 Unauthorized: no");
         let err = interpret::<Targets>(StatusCode::BAD_GATEWAY, b"proxy down").unwrap_err();
         assert_eq!(err.to_string(), "502 Bad Gateway: proxy down");

@@ -299,9 +299,12 @@ async fn dead_letters(action: DlqAction) -> Result<(), OpsError> {
                 limit: args.page.limit,
                 after: args.page.after.clone(),
             };
-            let answer = pages(query, args.page.all_pages, |q| &mut q.after, |q| async move {
-                client.dead_letters(&q).await
-            })
+            let answer = pages(
+                query,
+                args.page.all_pages,
+                |q| &mut q.after,
+                |q| async move { client.dead_letters(&q).await },
+            )
             .await?;
             print(&args.api, &answer, render::dead_letters)
         }
@@ -349,9 +352,12 @@ async fn quarantine(action: QuarantineAction) -> Result<(), OpsError> {
                 limit: args.page.limit,
                 after: args.page.after.clone(),
             };
-            let answer = pages(query, args.page.all_pages, |q| &mut q.after, |q| async move {
-                client.quarantine(&q).await
-            })
+            let answer = pages(
+                query,
+                args.page.all_pages,
+                |q| &mut q.after,
+                |q| async move { client.quarantine(&q).await },
+            )
             .await?;
             print(&args.api, &answer, render::quarantine)
         }

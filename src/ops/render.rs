@@ -152,7 +152,9 @@ pub(super) fn targets(answer: &Targets) -> String {
         number("DUE", |t| t.due.to_string()),
         number("DEAD", |t| t.dead.to_string()),
         number("OLDEST", |t| age(t.oldest_pending_age_seconds)),
-        text("LAST ERROR", |t| clipped(t.last_error.as_deref(), ERROR_WIDTH)),
+        text("LAST ERROR", |t| {
+            clipped(t.last_error.as_deref(), ERROR_WIDTH)
+        }),
     ];
     table(COLUMNS, &answer.targets)
 }
@@ -175,7 +177,9 @@ pub(super) fn dead_letters(answer: &DeadLetterPage) -> String {
         number("ATTEMPTS", |l| l.attempts.to_string()),
         number("STATUS", |l| or_dash(l.last_status)),
         text("DEAD AT", |l| moment(l.dead_at.as_deref())),
-        text("LAST ERROR", |l| clipped(l.last_error.as_deref(), ERROR_WIDTH)),
+        text("LAST ERROR", |l| {
+            clipped(l.last_error.as_deref(), ERROR_WIDTH)
+        }),
     ];
     let letters = &answer.dead_letters;
     table(COLUMNS, letters)
@@ -196,7 +200,9 @@ pub(super) fn quarantine(answer: &QuarantinePage) -> String {
         number("SEEN", |b| b.seen_count.to_string()),
         number("SIZE", |b| b.size.to_string()),
         // Beyond `quarantine.max_bytes` only a prefix is kept.
-        text("KEPT", |b| if b.truncated { "prefix" } else { "whole" }.into()),
+        text("KEPT", |b| {
+            if b.truncated { "prefix" } else { "whole" }.into()
+        }),
         text("CONTENT TYPE", |b| or_dash(b.content_type.as_deref())),
         text("ERROR", |b| clipped(Some(&b.error), ERROR_WIDTH)),
     ];
@@ -212,10 +218,7 @@ pub(super) fn quarantine(answer: &QuarantinePage) -> String {
 
 /// `dlq replay`.
 pub(super) fn dead_letters_replayed(answer: &DeadLetterReplay) -> String {
-    let mut out = format!(
-        "replayed {}, skipped {}\n",
-        answer.replayed, answer.skipped
-    );
+    let mut out = format!("replayed {}, skipped {}\n", answer.replayed, answer.skipped);
     for example in &answer.skipped_examples {
         out.push_str(&format!(
             "  skipped {}: {}\n",
@@ -272,7 +275,10 @@ fn outcome(outcome: &ReplayOutcome) -> (&'static str, String) {
     match outcome {
         ReplayOutcome::Accepted { id, targets } => {
             let targets: Vec<String> = targets.iter().map(plain).collect();
-            ("accepted", format!("id {} → {}", plain(id), targets.join(", ")))
+            (
+                "accepted",
+                format!("id {} → {}", plain(id), targets.join(", ")),
+            )
         }
         ReplayOutcome::Duplicate { original_id } => {
             ("duplicate", format!("of {}", plain(original_id)))
