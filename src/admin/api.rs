@@ -14,9 +14,9 @@ use serde_json::Value;
 
 use super::kinds::{self, dead_letter, quarantined, DeadLetters, Quarantine, Walk};
 use super::model::{
-    text_or_base64, BodyReplay, DeadLetterDetail, DeadLetterPage, DeadLetterQuery,
-    DeadLetterReplay, DeadLetterSelection, ErrorBody, PauseState, Purged, QuarantinePage,
-    QuarantineQuery, QuarantineReplay, QuarantineSelection, QuarantinedDetail, ReplayOutcome,
+    text_or_base64, BodyReplay, DeadLetterDetail, DeadLetterPage, DeadLetterParams,
+    DeadLetterReplay, DeadLetterSelection, ErrorBody, PageQuery, PauseState, Purged,
+    QuarantinePage, QuarantineReplay, QuarantineSelection, QuarantinedDetail, ReplayOutcome,
     Skipped, TargetQueue, Targets,
 };
 use super::refusal::{bad_request, not_found, Refusal};
@@ -189,7 +189,7 @@ async fn set_paused(admin: &Admin, target: &str, paused: bool) -> Result<PauseSt
 }
 
 /// Dead letters, oldest first, a page at a time.
-#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "dead letters", params(DeadLetterQuery),
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "dead letters", params(DeadLetterParams),
     responses((status = 200, description = "One page", body = DeadLetterPage),
         (status = 400, description = "A bad parameter", body = ErrorBody)))]
 async fn list_dead_letters(admin: &Admin, query: &str) -> Result<DeadLetterPage, Refusal> {
@@ -312,7 +312,7 @@ async fn purge_dead_letters(admin: &Admin, body: Value) -> Result<Purged<i64>, R
 }
 
 /// Quarantined bodies, oldest first arrival first, a page at a time.
-#[utoipa::path(get, path = "/api/v1/quarantine", tag = "quarantine", params(QuarantineQuery),
+#[utoipa::path(get, path = "/api/v1/quarantine", tag = "quarantine", params(PageQuery),
     responses((status = 200, description = "One page", body = QuarantinePage),
         (status = 400, description = "A bad parameter", body = ErrorBody)))]
 async fn list_quarantine(admin: &Admin, query: &str) -> Result<QuarantinePage, Refusal> {

@@ -47,8 +47,8 @@ pub(super) trait Kind: Send + Sync + 'static {
     /// The items' name in log lines.
     const PLURAL: &'static str;
 
-    /// A selection's listed keys, filter and `all`.
-    fn split(selection: Self::Selection) -> Result<(Vec<Self::Key>, Self::Filter, bool), Refusal>;
+    /// A selection's parts.
+    fn split(selection: Self::Selection) -> Result<Parts<Self::Key, Self::Filter>, Refusal>;
     /// A listing's filter.
     fn filter(listing: &Listing) -> Self::Filter;
     /// The item's key.
@@ -73,6 +73,14 @@ pub(super) trait Kind: Send + Sync + 'static {
     async fn walk_end(store: &dyn Store) -> Result<End<Self::Cursor>, StoreError>;
     /// Deletes items; how many were there.
     async fn purge(store: &dyn Store, keys: &[Self::Key]) -> Result<u64, StoreError>;
+}
+
+/// A selection's parts: listed keys, a filter, `all` (one of them is set
+/// in a good selection).
+pub(super) struct Parts<K, F> {
+    keys: Vec<K>,
+    filter: F,
+    all: bool,
 }
 
 /// Where a filter's walk ends.
@@ -105,16 +113,18 @@ impl Kind for DeadLetters {
         &["target", "reason", "since", "until", "limit", "after"];
     const PLURAL: &'static str = "dead letters";
 
-    fn split(
-        s: DeadLetterSelection,
-    ) -> Result<(Vec<DeadLetterId>, DeadLetterFilter, bool), Refusal> {
+    fn split(s: DeadLetterSelection) -> Result<Parts<DeadLetterId, DeadLetterFilter>, Refusal> {
         let filter = DeadLetterFilter {
             target: s.target,
             reason: s.reason,
             since_ms: millis("since", s.since.as_ref())?,
             until_ms: millis("until", s.until.as_ref())?,
         };
-        Ok((s.ids, filter, s.all))
+        Ok(Parts {
+            keys: s.ids,
+            filter,
+            all: s.all,
+        })
     }
 
     fn filter(listing: &Listing) -> DeadLetterFilter {
@@ -204,12 +214,16 @@ impl Kind for Quarantine {
     const PARAMETERS: &'static [&'static str] = &["since", "until", "limit", "after"];
     const PLURAL: &'static str = "quarantined bodies";
 
-    fn split(s: QuarantineSelection) -> Result<(Vec<String>, QuarantineFilter, bool), Refusal> {
+    fn split(s: QuarantineSelection) -> Result<Parts<String, QuarantineFilter>, Refusal> {
         let filter = QuarantineFilter {
             since_ms: millis("since", s.since.as_ref())?,
             until_ms: millis("until", s.until.as_ref())?,
         };
-        Ok((s.hashes, filter, s.all))
+        Ok(Parts {
+            keys: s.hashes,
+            filter,
+            all: s.all,
+        })
     }
 
     fn filter(listing: &Listing) -> QuarantineFilter {
@@ -372,7 +386,7 @@ impl<K: Kind> Walk<K> {
     pub(super) fn choose(body: Value) -> Result<Walk<K>, Refusal> {
         let selection: K::Selection = serde_json::from_value(body)
             .map_err(|err| bad_request(format!("{}: {err}", K::SELECTION)))?;
-        let (keys, filter, all) = K::split(selection)?;
+        let Parts { keys, filter, all } = K::split(selection)?;
         let filtered = filter != K::Filter::default();
         let chosen = match (!keys.is_empty(), filtered, all) {
             (true, false, false) => Chosen::Keys { keys, position: 0 },

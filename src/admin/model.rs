@@ -326,10 +326,22 @@ pub struct DeadLetterQuery {
     /// Only this reason, exactly.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Given up at or after this time (RFC 3339 or Unix milliseconds).
+    /// The time window (when they were given up) and the page.
+    #[serde(flatten)]
+    #[param(ignore)]
+    pub page: PageQuery,
+}
+
+/// The query of `GET /api/v1/quarantine` (the window is of the bodies' last
+/// arrival), and the window and page of `GET /api/v1/dead-letters` (of the
+/// time they were given up); every parameter is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// From this time on (RFC 3339 or Unix milliseconds), inclusive.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
-    /// Given up at or before this time (RFC 3339 or Unix milliseconds).
+    /// Up to this time (RFC 3339 or Unix milliseconds), inclusive.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
     /// Items per page, 1 to 1000 (default 100).
@@ -341,23 +353,17 @@ pub struct DeadLetterQuery {
     pub after: Option<String>,
 }
 
-/// The query of `GET /api/v1/quarantine`; every parameter is optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct QuarantineQuery {
-    /// Last arrived at or after this time (RFC 3339 or Unix milliseconds).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    /// Last arrived at or before this time (RFC 3339 or Unix milliseconds).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub until: Option<String>,
-    /// Items per page, 1 to 1000 (default 100).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[param(minimum = 1, maximum = 1000)]
-    pub limit: Option<u32>,
-    /// The `next` of the previous page.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub after: Option<String>,
+/// The dead letters' parameters: their own, then the window and page.
+pub struct DeadLetterParams;
+
+impl IntoParams for DeadLetterParams {
+    fn into_params(
+        parameter_in: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        let mut params = DeadLetterQuery::into_params(&parameter_in);
+        params.extend(PageQuery::into_params(parameter_in));
+        params
+    }
 }
 
 /// A stored body as the API shows it: text when it is UTF-8, else base64

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::{ApiOptions, OpsError};
 use crate::admin::model::{
     DeadLetterDetail, DeadLetterPage, DeadLetterQuery, DeadLetterReplay, DeadLetterSelection,
-    ErrorBody, PauseState, Purged, QuarantinePage, QuarantineQuery, QuarantineReplay,
+    ErrorBody, PageQuery, PauseState, Purged, QuarantinePage, QuarantineReplay,
     QuarantineSelection, QuarantinedDetail, Targets,
 };
 use crate::config::{AdminConfig, Config};
@@ -116,7 +116,7 @@ impl Client {
     }
 
     /// `GET /api/v1/quarantine`: one page.
-    pub async fn quarantine(&self, query: &QuarantineQuery) -> Result<QuarantinePage, OpsError> {
+    pub async fn quarantine(&self, query: &PageQuery) -> Result<QuarantinePage, OpsError> {
         self.call(Method::GET, &listing("quarantine", query)?, None::<&()>)
             .await
     }
@@ -312,7 +312,10 @@ mod tests {
     fn a_listing_sends_only_the_parameters_given() {
         let query = DeadLetterQuery {
             target: Some("(no route)".into()),
-            limit: Some(2),
+            page: PageQuery {
+                limit: Some(2),
+                ..PageQuery::default()
+            },
             ..DeadLetterQuery::default()
         };
         assert_eq!(
@@ -320,7 +323,7 @@ mod tests {
             "dead-letters?limit=2&target=%28no+route%29"
         );
         assert_eq!(
-            listing("quarantine", &QuarantineQuery::default()).unwrap(),
+            listing("quarantine", &PageQuery::default()).unwrap(),
             "quarantine?"
         );
     }

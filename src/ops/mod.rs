@@ -17,7 +17,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::admin::model::{
-    DeadLetterPage, DeadLetterQuery, DeadLetterSelection, QuarantinePage, QuarantineQuery,
+    DeadLetterPage, DeadLetterQuery, DeadLetterSelection, PageQuery, QuarantinePage,
     QuarantineSelection, TimeArg,
 };
 pub use client::Client;
@@ -294,15 +294,12 @@ async fn dead_letters(action: DlqAction) -> Result<(), OpsError> {
             let query = DeadLetterQuery {
                 target: args.filter.target.clone(),
                 reason: args.filter.reason.clone(),
-                since: args.filter.range.since.clone(),
-                until: args.filter.range.until.clone(),
-                limit: args.page.limit,
-                after: args.page.after.clone(),
+                page: args.page.query(&args.filter.range),
             };
             let answer = pages(
                 query,
                 args.page.all_pages,
-                |q| &mut q.after,
+                |q| &mut q.page.after,
                 |q| async move { client.dead_letters(&q).await },
             )
             .await?;
@@ -310,24 +307,7 @@ async fn dead_letters(action: DlqAction) -> Result<(), OpsError> {
         }
         DlqAction::Show(args) => {
             let answer = Client::locate(&args.api)?.dead_letter(args.id).await?;
-            print(&args.api, &answer, |detail| {
-                render::record(
-                    &serde_json::to_value(detail).unwrap_or_default(),
-                    &[
-                        "id",
-                        "event_id",
-                        "target",
-                        "reason",
-                        "attempts",
-                        "last_status",
-                        "last_error",
-                        "dead_at",
-                        "received_at",
-                        "content_type",
-                    ],
-                    &["envelope", "raw_body", "raw_body_base64"],
-                )
-            })
+            print(&args.api, &answer, render::dead_letter)
         }
         DlqAction::Replay(args) => {
             let client = Client::locate(&args.api)?;
@@ -346,12 +326,7 @@ async fn quarantine(action: QuarantineAction) -> Result<(), OpsError> {
     match action {
         QuarantineAction::List(args) => {
             let client = &Client::locate(&args.api)?;
-            let query = QuarantineQuery {
-                since: args.range.since.clone(),
-                until: args.range.until.clone(),
-                limit: args.page.limit,
-                after: args.page.after.clone(),
-            };
+            let query = args.page.query(&args.range);
             let answer = pages(
                 query,
                 args.page.all_pages,
@@ -363,22 +338,7 @@ async fn quarantine(action: QuarantineAction) -> Result<(), OpsError> {
         }
         QuarantineAction::Show(args) => {
             let answer = Client::locate(&args.api)?.quarantined(&args.hash).await?;
-            print(&args.api, &answer, |detail| {
-                render::record(
-                    &serde_json::to_value(detail).unwrap_or_default(),
-                    &[
-                        "body_hash",
-                        "content_type",
-                        "size",
-                        "truncated",
-                        "seen_count",
-                        "first_seen",
-                        "last_seen",
-                        "error",
-                    ],
-                    &["body", "body_base64"],
-                )
-            })
+            print(&args.api, &answer, render::quarantined)
         }
         QuarantineAction::Replay(args) => {
             let client = Client::locate(&args.api)?;
@@ -467,6 +427,18 @@ where
         match next {
             Some(next) => *after(&mut query) = Some(next),
             None => return Ok(P::from_parts(joined, None)),
+        }
+    }
+}
+
+impl PageArgs {
+    /// The API's window and page parameters.
+    fn query(&self, range: &TimeRange) -> PageQuery {
+        PageQuery {
+            since: range.since.clone(),
+            until: range.until.clone(),
+            limit: self.limit,
+            after: self.after.clone(),
         }
     }
 }

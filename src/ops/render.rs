@@ -4,11 +4,13 @@
 
 use std::fmt::Display;
 
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::admin::model::{
-    BodyReplay, DeadLetter, DeadLetterPage, DeadLetterReplay, PauseState, Purged, QuarantinePage,
-    QuarantineReplay, QuarantinedBody, ReplayOutcome, TargetQueue, Targets,
+    BodyReplay, DeadLetter, DeadLetterDetail, DeadLetterPage, DeadLetterReplay, PauseState, Purged,
+    QuarantinePage, QuarantineReplay, QuarantinedBody, QuarantinedDetail, ReplayOutcome,
+    TargetQueue, Targets,
 };
 
 /// Characters of an error message kept in a table cell (the rest is `…`).
@@ -290,6 +292,38 @@ fn outcome(outcome: &ReplayOutcome) -> (&'static str, String) {
     }
 }
 
+/// `dlq show`.
+pub(super) fn dead_letter(answer: &DeadLetterDetail) -> String {
+    const FIRST: &[&str] = &[
+        "id",
+        "event_id",
+        "target",
+        "reason",
+        "attempts",
+        "last_status",
+        "last_error",
+        "dead_at",
+        "received_at",
+        "content_type",
+    ];
+    record(answer, FIRST, &["envelope", "raw_body", "raw_body_base64"])
+}
+
+/// `quarantine show`.
+pub(super) fn quarantined(answer: &QuarantinedDetail) -> String {
+    const FIRST: &[&str] = &[
+        "body_hash",
+        "content_type",
+        "size",
+        "truncated",
+        "seen_count",
+        "first_seen",
+        "last_seen",
+        "error",
+    ];
+    record(answer, FIRST, &["body", "body_base64"])
+}
+
 /// A value as a one-line field of a record.
 fn field(value: &Value) -> String {
     match value {
@@ -300,10 +334,11 @@ fn field(value: &Value) -> String {
     }
 }
 
-/// One object as aligned `key: value` lines, the `first` keys in that order
+/// One answer as aligned `key: value` lines, the `first` keys in that order
 /// and then any other one-line field; then each long field (`blocks`, and any
 /// object or array) under its name.
-pub(super) fn record(answer: &Value, first: &[&str], blocks: &[&str]) -> String {
+fn record<T: Serialize>(answer: &T, first: &[&str], blocks: &[&str]) -> String {
+    let answer = serde_json::to_value(answer).unwrap_or_default();
     let Some(object) = answer.as_object() else {
         return format!("{answer:#}\n");
     };
