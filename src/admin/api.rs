@@ -79,12 +79,11 @@ pub(super) async fn handle(admin: &Admin, request: Request<Incoming>, path: &str
     };
     match answer {
         Ok(body) => json_response(StatusCode::OK, &body),
-        Err(Refusal(status, message)) => {
-            if status.is_server_error() {
-                tracing::error!(path = %path, error = %message, "admin API request failed");
+        Err(refusal) => {
+            if refusal.0.is_server_error() {
+                tracing::error!(path = %path, error = %refusal.1, "admin API request failed");
             }
-            let body = ErrorBody { error: message };
-            json_response(status, &serde_json::to_value(body).unwrap_or_default())
+            refusal.response()
         }
     }
 }

@@ -4,7 +4,8 @@
 use chrono::{DateTime, SecondsFormat};
 use hyper::StatusCode;
 
-use super::model::TimeArg;
+use super::model::{ErrorBody, TimeArg};
+use crate::http_server::{json_response, HttpResponse};
 use crate::store::StoreError;
 
 /// A request the API refuses, with the status and the message to show.
@@ -13,6 +14,14 @@ pub(super) struct Refusal(pub(super) StatusCode, pub(super) String);
 impl From<StoreError> for Refusal {
     fn from(err: StoreError) -> Refusal {
         Refusal(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
+    }
+}
+
+impl Refusal {
+    /// The answer: the status and `{"error": ...}`.
+    pub(super) fn response(self) -> HttpResponse {
+        let body = serde_json::to_value(ErrorBody { error: self.1 }).unwrap_or_default();
+        json_response(self.0, &body)
     }
 }
 
