@@ -202,10 +202,11 @@ pub struct DeadLetterSelection {
     pub all: bool,
 }
 
+// The window is not a struct shared with `DeadLetterSelection`: serde
+// cannot flatten one into a type that refuses unknown fields, and both
+// selections must refuse them.
 /// `POST /api/v1/quarantine/replay` and `/purge`: exactly one of `hashes`,
-/// a time window (at least one bound) or `all`. (The window is not a
-/// struct shared with [`DeadLetterSelection`]: serde cannot flatten one
-/// into a type that refuses unknown fields, and both must refuse them.)
+/// a time window (at least one bound) or `all`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuarantineSelection {
