@@ -1,9 +1,16 @@
 //! The admin listener: what Prometheus and the orchestrator poll (`/metrics`,
 //! `/healthz`, `/readyz`, always open), and the admin API under `/api/v1/`
-//! (behind a bearer token; see docs/admin-api.md). Keep it on a private
-//! address; it is not meant for the internet.
+//! (behind a bearer token; see docs/admin-api.md), whose requests and
+//! answers are the types of [`model`], described by the OpenAPI document of
+//! [`openapi`]. Keep it on a private address; it is not meant for the internet.
 
 mod api;
+mod kinds;
+pub mod model;
+pub mod openapi;
+mod refusal;
+
+use refusal::Refusal;
 
 use std::sync::Arc;
 
@@ -56,10 +63,11 @@ impl Admin {
             };
         }
         if request.method() != Method::GET && request.method() != Method::HEAD {
-            return json_response(
+            return Refusal(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &json!({"error": "only GET is allowed here"}),
-            );
+                "only GET is allowed here".into(),
+            )
+            .response();
         }
         match request.uri().path() {
             "/metrics" => {
@@ -84,7 +92,7 @@ impl Admin {
                     )
                 }
             }
-            _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+            _ => refusal::not_found("not found").response(),
         }
     }
 
@@ -93,10 +101,9 @@ impl Admin {
     /// time; without a configured token the API does not exist.
     fn refusal(&self, request: &Request<Incoming>) -> Option<HttpResponse> {
         let Some(token) = self.token.get().as_ref().clone() else {
-            return Some(json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"error": "the admin API is disabled: set admin.token_file"}),
-            ));
+            return Some(
+                refusal::not_found("the admin API is disabled: set admin.token_file").response(),
+            );
         };
         let given = request
             .headers()
@@ -111,10 +118,11 @@ impl Admin {
             return None;
         }
         tracing::warn!(path = %request.uri().path(), "admin API request without a valid bearer token");
-        let mut refusal = json_response(
+        let mut refusal = Refusal(
             StatusCode::UNAUTHORIZED,
-            &json!({"error": "a valid `Authorization: Bearer <admin token>` header is required"}),
-        );
+            "a valid `Authorization: Bearer <admin token>` header is required".into(),
+        )
+        .response();
         refusal
             .headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

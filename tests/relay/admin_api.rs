@@ -121,6 +121,27 @@ async fn the_api_is_off_without_a_token_and_refuses_a_wrong_one() {
     .await;
 }
 
+/// The OpenAPI document is served behind the same token as the rest of the
+/// API (docs/admin-api.md says why), and it is the generated one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_served_behind_the_token() {
+    bounded(Duration::from_secs(60), "openapi", async {
+        let relay = relay_with_api("").await;
+        let (status, _, challenge) = call(&relay, "GET", "/api/v1/openapi.json", None, None).await;
+        assert_eq!(status, 401);
+        assert_eq!(challenge.as_deref(), Some("Bearer"));
+        let served = api_get(&relay, "/api/v1/openapi.json").await;
+        let generated: Value =
+            serde_json::from_str(&postback_relay::admin::openapi::pretty()).unwrap();
+        assert_eq!(served, generated);
+        let (status, json, _) =
+            call(&relay, "POST", "/api/v1/openapi.json", Some(TOKEN), None).await;
+        assert_eq!(status, 405, "{json}");
+        relay.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_target_queues_and_delivers_after_resume_even_across_a_restart() {
     bounded(Duration::from_secs(90), "pause", async {

@@ -11,6 +11,8 @@
 mod common;
 
 mod admin_api;
+mod admin_api_openapi;
+mod admin_api_wire;
 mod delivery;
 mod faults;
 mod hardening;
