@@ -25,8 +25,6 @@
 //! [`PostgresStore`] (several instances sharing one queue); [`open`] picks the
 //! one the config names.
 
-mod intake;
-mod leases;
 mod postgres;
 mod sqlite;
 

@@ -56,7 +56,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension};
 
-use super::{NewPostback, StoreError};
+use crate::store::{NewPostback, StoreError};
 use crate::config::SyncMode;
 
 /// The size segments are written out to beforehand; a segment is closed (and
@@ -325,7 +325,7 @@ impl Intake {
                     .query_row([&postback.dedupe_key], |row| Ok((row.get(0)?, row.get(1)?)))
                     .optional()
             })
-            .map_err(super::sqlite::db_error)?;
+            .map_err(super::db_error)?;
         Ok(stored.and_then(|(original_id, at)| {
             (at >= earliest).then_some(Appended::Duplicate {
                 original_id,

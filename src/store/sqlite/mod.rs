@@ -1,10 +1,10 @@
 //! The embedded store: SQLite in WAL mode, written by one thread with group commit.
 //!
 //! Accepted postbacks are made durable in the intake journal on the request's
-//! own task (see `store::intake`) and moved into SQLite by the writer thread
+//! own task (see `store::sqlite::intake`) and moved into SQLite by the writer thread
 //! afterwards. Every other write (quarantine, complete, an operator's change)
 //! is a command sent to that one writer thread, and so is every claim: a read,
-//! but the writer holds the leases (`store::leases`). The thread takes
+//! but the writer holds the leases (`store::sqlite::leases`). The thread takes
 //! whatever commands are waiting, applies them in one transaction (each in its
 //! own savepoint, so one bad command cannot spoil the others), commits once,
 //! and only then answers every caller. Reads for the gauges use a second
@@ -21,8 +21,11 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::intake::{Appended, Intake, Journaled};
-use super::leases::Leases;
+mod intake;
+mod leases;
+
+use intake::{Appended, Intake, Journaled};
+use leases::Leases;
 use super::{
     now_ms, Acceptance, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, Job, JobId,
     Kept, NewPostback, OnCommit, Outcome, Page, QuarantineEntry, QuarantineFilter,
@@ -140,7 +143,7 @@ CREATE TABLE target_pauses (
     paused_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
-    // The intake journal (store::intake): every record up to `seq` is moved.
+    // The intake journal (store::sqlite::intake): every record up to `seq` is moved.
     r#"
 CREATE TABLE intake_moved (
     id  INTEGER PRIMARY KEY CHECK (id = 1),
@@ -684,7 +687,7 @@ fn create_parent_dirs(database: &Path, sync: SyncMode) -> Result<(), StoreError>
                 Some(parent) if !parent.as_os_str().is_empty() => parent,
                 _ => Path::new("."),
             };
-            super::intake::sync_dir(parent)?;
+            intake::sync_dir(parent)?;
         }
     }
     Ok(())
@@ -844,7 +847,7 @@ struct Writer {
     last_durable: std::time::Instant,
     /// Moves SQLite refused (a full disk), tried again after [`STALLED_RETRY`].
     stalled: Vec<Moving>,
-    /// The dispatchers' claims (see `store::leases`).
+    /// The dispatchers' claims (see `store::sqlite::leases`).
     leases: Leases,
 }
 
