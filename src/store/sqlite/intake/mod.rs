@@ -56,8 +56,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension};
 
-use crate::store::{NewPostback, StoreError};
 use crate::config::SyncMode;
+use crate::store::{NewPostback, StoreError};
 
 /// The size segments are written out to beforehand; a segment is closed (and
 /// the next one started) when a record does not fit, so segments covered by
