@@ -74,7 +74,7 @@ pub struct SqliteStore {
     quarantine: QuarantineLimits,
     reader: Arc<Mutex<Connection>>,
     intake: Arc<Intake>,
-    /// Bytes of the moves not yet done (see [`QUEUE_BYTES`]).
+    /// Bytes of the moves not yet done (see [`QUEUE_BYTES`](writer::QUEUE_BYTES)).
     queued_bytes: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
