@@ -246,7 +246,9 @@ impl Ingest {
                     ),
                 )
             }
-            Err(StoreError::Refused(reason)) => {
+            Err(StoreError::Refused {
+                message: reason, ..
+            }) => {
                 // Sending it again cannot help: keep it for an operator.
                 log("refused", &id);
                 self.quarantine(reason, body, content_type, received_at_ms)

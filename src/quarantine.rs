@@ -82,7 +82,9 @@ pub async fn replay_body(
         },
         Ok(Acceptance::Duplicate { original_id }) => Replayed::Duplicate { original_id },
         // The database still refuses it: it stays.
-        Err(StoreError::Refused(error)) => return Ok(Replayed::StillInvalid { error }),
+        Err(StoreError::Refused { message, .. }) => {
+            return Ok(Replayed::StillInvalid { error: message })
+        }
         Err(err) => return Err(err),
     };
     // Committed (or already there): the quarantine copy is done with.

@@ -59,7 +59,7 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
                 Some(source) => Some(
                     source
                         .resolve()
-                        .map_err(|err| StoreError::Database(format!("store.password: {err}")))?,
+                        .map_err(|err| StoreError::database(format!("store.password: {err}")))?,
                 ),
                 None => None,
             };
@@ -402,19 +402,73 @@ pub struct DeadLetterDetail {
 
 /// Why the store could not do what was asked. Ingest answers `Refused`
 /// with 400 (after quarantining the body) and every other variant with 503.
+///
+/// A variant keeps the error underneath it as its [`source`](std::error::Error::source)
+/// (so a caller can walk or downcast it), while its message already carries
+/// that error's text: the Display stays what logs and operators know.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database refused or failed (disk full, locked, I/O error).
-    #[error("store error: {0}")]
-    Database(String),
+    #[error("store error: {message}")]
+    Database {
+        /// What failed, with its cause's text.
+        message: String,
+        /// The failure underneath, when there was one.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The database refused this one postback's data (a value it cannot
     /// store): retrying it can never succeed, unlike a [`StoreError::Database`]
     /// failure; the rest of its batch was committed.
-    #[error("the database refused this postback: {0}")]
-    Refused(String),
+    #[error("the database refused this postback: {message}")]
+    Refused {
+        /// Why, in the database's words.
+        message: String,
+        /// The database's error.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The store is shutting down or its writer has stopped.
     #[error("store is closed")]
     Closed,
+}
+
+/// The error underneath a [`StoreError`]; shared, because a failed batch
+/// answers every caller in it with a clone of one error.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+impl StoreError {
+    /// A database failure with no error underneath (a full queue, a state
+    /// the store refuses to go on from).
+    pub fn database(message: impl Into<String>) -> StoreError {
+        StoreError::Database {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A database failure caused by `source`, whose text `message` includes.
+    pub fn database_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::Database {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The database refused one postback's data with `source`, whose text
+    /// `message` includes.
+    pub fn refused_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::Refused {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
 }
 
 /// The durable queue behind the relay; see the module docs for the contract.

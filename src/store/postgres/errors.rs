@@ -49,15 +49,17 @@ pub(super) fn describe(err: &tokio_postgres::Error) -> String {
 }
 
 /// A pool that could not hand out a connection (cannot connect, all busy).
-pub(super) fn pool_error(err: &deadpool_postgres::PoolError) -> StoreError {
+pub(super) fn pool_error(err: deadpool_postgres::PoolError) -> StoreError {
     match err {
-        deadpool_postgres::PoolError::Backend(err) => StoreError::Database(describe(err)),
-        other => StoreError::Database(format!("PostgreSQL pool: {other}")),
+        deadpool_postgres::PoolError::Backend(err) => {
+            StoreError::database_from(describe(&err), err)
+        }
+        other => StoreError::database_from(format!("PostgreSQL pool: {other}"), other),
     }
 }
 
 pub(super) fn timed_out() -> StoreError {
-    StoreError::Database(format!(
+    StoreError::database(format!(
         "PostgreSQL did not answer within {}s",
         OP_TIMEOUT.as_secs()
     ))

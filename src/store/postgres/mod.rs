@@ -230,10 +230,9 @@ impl PostgresStore {
     /// Connects, creates or migrates the schema (serialised between instances
     /// by an advisory lock) and starts the writers.
     pub async fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
-        let mut config: tokio_postgres::Config = options
-            .url
-            .parse()
-            .map_err(|err| StoreError::Database(format!("invalid PostgreSQL URL: {err}")))?;
+        let mut config: tokio_postgres::Config = options.url.parse().map_err(|err| {
+            StoreError::database_from(format!("invalid PostgreSQL URL: {err}"), err)
+        })?;
         if let Some(password) = &options.password {
             config.password(password.as_bytes());
         }
@@ -261,7 +260,9 @@ impl PostgresStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
-            .map_err(|err| StoreError::Database(format!("cannot create the pool: {err}")))?;
+            .map_err(|err| {
+                StoreError::database_from(format!("cannot create the pool: {err}"), err)
+            })?;
         let shared = Arc::new(Shared {
             pool,
             ready: AtomicBool::new(true),
@@ -315,7 +316,7 @@ impl PostgresStore {
             bytes,
         };
         if before > 0 && before + bytes > self.max_queued_bytes {
-            return Err(StoreError::Database(format!(
+            return Err(StoreError::database(format!(
                 "{before} bytes of postbacks are waiting for PostgreSQL \
                  (store.max_queued_bytes: {}); try again later",
                 self.max_queued_bytes

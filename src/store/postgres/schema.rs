@@ -107,7 +107,7 @@ impl Shared {
     /// Creates or migrates the schema. Instances starting at once take turns
     /// on an advisory lock held until each one's transaction ends.
     pub(super) async fn migrate(&self) -> Result<usize, StoreError> {
-        let mut client = self.pool.get().await.map_err(|err| pool_error(&err))?;
+        let mut client = self.pool.get().await.map_err(pool_error)?;
         let work = async {
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -128,7 +128,7 @@ impl Shared {
                 .get(0);
             let current = current.max(0) as usize;
             if current > MIGRATIONS.len() {
-                return Ok(Err(StoreError::Database(format!(
+                return Ok(Err(StoreError::database(format!(
                     "the database schema is at version {current}, newer than this relay knows \
                      ({}): run a newer relay",
                     MIGRATIONS.len()
@@ -148,13 +148,13 @@ impl Shared {
         };
         match tokio::time::timeout(Duration::from_secs(60), work).await {
             Ok(Ok(result)) => result,
-            Ok(Err(err)) => Err(StoreError::Database(format!(
-                "migrating the schema: {}",
-                describe(&err)
-            ))),
-            Err(_) => Err(StoreError::Database(
+            Ok(Err(err)) => Err(StoreError::database_from(
+                format!("migrating the schema: {}", describe(&err)),
+                err,
+            )),
+            Err(_) => Err(StoreError::database(
                 "migrating the schema took over 60 s (another instance holding the migration lock?)"
-                    .into(),
+                    ,
             )),
         }
     }

@@ -37,7 +37,7 @@ impl Shared {
         // The pool bounds its own waits (connect, free slot).
         let outcome = match self.pool.get().await {
             Err(err) => Err(Failure {
-                error: pool_error(&err),
+                error: pool_error(err),
                 per_item: false,
             }),
             Ok(client) => match tokio::time::timeout(OP_TIMEOUT, work(&client)).await {
@@ -49,7 +49,7 @@ impl Shared {
                         drop(Object::take(client));
                     }
                     Err(Failure {
-                        error: StoreError::Database(describe(&err)),
+                        error: StoreError::database_from(describe(&err), err),
                         per_item,
                     })
                 }
@@ -160,7 +160,7 @@ impl Shared {
         };
         match &owners {
             Ok((owners, _)) if !owners.is_empty() => self.ready.store(true, Ordering::Relaxed),
-            Ok(_) | Err(StoreError::Refused(_)) => {}
+            Ok(_) | Err(StoreError::Refused { .. }) => {}
             Err(error) => self.not_ready(error),
         }
         for Accept {
@@ -176,8 +176,8 @@ impl Shared {
                         original_id: owner.clone(),
                     }),
                     (None, Some(error)) => Err(error.clone()),
-                    (None, None) => Err(StoreError::Database(
-                        "the dedupe key was not returned by the commit".into(),
+                    (None, None) => Err(StoreError::database(
+                        "the dedupe key was not returned by the commit",
                     )),
                 },
             };
@@ -197,7 +197,7 @@ impl Shared {
         }
         if connection.is_none() {
             *connection = Some(self.pool.get().await.map_err(|err| Failure {
-                error: pool_error(&err),
+                error: pool_error(err),
                 per_item: false,
             })?);
         }
@@ -212,11 +212,11 @@ impl Shared {
             // One postback alone, refused for its data: it is the culprit.
             Ok(Err(err)) if items.len() == 1 && refuses_data(&err) => Err(Failure {
                 per_item: true,
-                error: StoreError::Refused(describe(&err)),
+                error: StoreError::refused_from(describe(&err), err),
             }),
             Ok(Err(err)) => Err(Failure {
                 per_item: is_data_error(&err),
-                error: StoreError::Database(describe(&err)),
+                error: StoreError::database_from(describe(&err), err),
             }),
             Err(_) => Err(Failure {
                 error: timed_out(),

@@ -66,7 +66,7 @@ impl Checkpointer {
                 }
             })
             .map_err(|err| {
-                StoreError::Database(format!("cannot start checkpoint thread: {err}"))
+                StoreError::database_from(format!("cannot start checkpoint thread: {err}"), err)
             })?;
         Ok(Checkpointer {
             stop: Some(stop),
@@ -133,5 +133,7 @@ pub(super) fn start_quarantine_janitor(
             }
         })
         .map(drop)
-        .map_err(|err| StoreError::Database(format!("cannot start the quarantine janitor: {err}")))
+        .map_err(|err| {
+            StoreError::database_from(format!("cannot start the quarantine janitor: {err}"), err)
+        })
 }

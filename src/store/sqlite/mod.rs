@@ -158,7 +158,9 @@ impl SqliteStore {
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || worker.run(receiver))
-            .map_err(|err| StoreError::Database(format!("cannot start writer thread: {err}")))?;
+            .map_err(|err| {
+                StoreError::database_from(format!("cannot start writer thread: {err}"), err)
+            })?;
         let directory = match options.path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
             _ => PathBuf::from("."),
@@ -256,5 +258,5 @@ fn recover_intake(
 }
 
 pub(super) fn db_error(err: rusqlite::Error) -> StoreError {
-    StoreError::Database(err.to_string())
+    StoreError::database_from(err.to_string(), err)
 }

@@ -135,8 +135,9 @@ pub(super) fn create_parent_dirs(database: &Path, sync: SyncMode) -> Result<(), 
         .ancestors()
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .collect();
-    std::fs::create_dir_all(dir)
-        .map_err(|err| StoreError::Database(format!("cannot create {}: {err}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|err| {
+        StoreError::database_from(format!("cannot create {}: {err}", dir.display()), err)
+    })?;
     if sync == SyncMode::Full {
         for created in missing {
             let parent = match created.parent() {
@@ -153,8 +154,9 @@ pub(super) fn open_connection(
     path: &Path,
     options: &SqliteOptions,
 ) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)
-        .map_err(|err| StoreError::Database(format!("cannot open {}: {err}", path.display())))?;
+    let conn = Connection::open(path).map_err(|err| {
+        StoreError::database_from(format!("cannot open {}: {err}", path.display()), err)
+    })?;
     conn.busy_timeout(options.busy_timeout).map_err(db_error)?;
     let synchronous = match options.sync {
         SyncMode::Full => "FULL",

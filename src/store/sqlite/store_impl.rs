@@ -35,9 +35,7 @@ impl Store for SqliteStore {
         // locked or full database) gets a 503, not an endless wait.
         let room = tokio::time::timeout(QUEUE_WAIT, self.commands.reserve())
             .await
-            .map_err(|_| {
-                StoreError::Database("the store's writer is too far behind; retry later".into())
-            })?
+            .map_err(|_| StoreError::database("the store's writer is too far behind; retry later"))?
             .map_err(|_| StoreError::Closed)?;
         let seq = match self.intake.append(&postback)? {
             Appended::New(seq) => seq,

@@ -45,9 +45,9 @@ pub(super) const STALLED_RETRY: Duration = Duration::from_millis(100);
 pub(super) struct Writer {
     pub(super) conn: Connection,
     /// The configured `synchronous` level for acknowledged writes.
-    pub(super) sync: Sync,
+    pub(super) sync: SynchronousLevel,
     /// The level the connection is at now (None: unknown).
-    pub(super) current_sync: Option<Sync>,
+    pub(super) current_sync: Option<SynchronousLevel>,
     /// Runs WAL checkpoints beside the writer; stopped before closing.
     pub(super) checkpointer: Option<Checkpointer>,
     pub(super) dedupe_window_ms: i64,
@@ -97,7 +97,7 @@ impl QueuedBytes {
             bytes,
         };
         if before > 0 && before + bytes > QUEUE_BYTES {
-            return Err(StoreError::Database(format!(
+            return Err(StoreError::database(format!(
                 "the store's writer queue holds {} MiB of postbacks not yet moved into SQLite; retry later",
                 before / (1024 * 1024)
             )));
@@ -335,8 +335,8 @@ impl Writer {
             // Some errors (disk full, I/O) roll back the whole transaction:
             // then nothing of this batch can be committed.
             if self.conn.is_autocommit() {
-                aborted = Some(StoreError::Database(
-                    "transaction rolled back by the database".into(),
+                aborted = Some(StoreError::database(
+                    "transaction rolled back by the database",
                 ));
             }
         }
@@ -391,7 +391,11 @@ impl Writer {
     /// Switches `synchronous` between the configured level (for batches that
     /// carry something acknowledged) and OFF (bookkeeping only).
     fn set_sync(&mut self, durable: bool) -> rusqlite::Result<()> {
-        let wanted = if durable { self.sync } else { Sync::Off };
+        let wanted = if durable {
+            self.sync
+        } else {
+            SynchronousLevel::Off
+        };
         if self.current_sync != Some(wanted) {
             run(&self.conn, wanted.pragma())?;
             self.current_sync = Some(wanted);
@@ -502,29 +506,31 @@ impl Command {
     }
 }
 
-/// SQLite `synchronous` levels the writer switches between.
+/// SQLite `PRAGMA synchronous` levels the writer switches between: the
+/// configured one ([`SyncMode`]) for acknowledged writes, `Off` for
+/// writes no caller is answered on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Sync {
+pub(super) enum SynchronousLevel {
     Full,
     Normal,
     Off,
 }
 
-impl Sync {
+impl SynchronousLevel {
     fn pragma(self) -> &'static str {
         match self {
-            Sync::Full => "PRAGMA synchronous = FULL",
-            Sync::Normal => "PRAGMA synchronous = NORMAL",
-            Sync::Off => "PRAGMA synchronous = OFF",
+            SynchronousLevel::Full => "PRAGMA synchronous = FULL",
+            SynchronousLevel::Normal => "PRAGMA synchronous = NORMAL",
+            SynchronousLevel::Off => "PRAGMA synchronous = OFF",
         }
     }
 }
 
-impl From<SyncMode> for Sync {
-    fn from(mode: SyncMode) -> Sync {
+impl From<SyncMode> for SynchronousLevel {
+    fn from(mode: SyncMode) -> SynchronousLevel {
         match mode {
-            SyncMode::Full => Sync::Full,
-            SyncMode::Normal => Sync::Normal,
+            SyncMode::Full => SynchronousLevel::Full,
+            SyncMode::Normal => SynchronousLevel::Normal,
         }
     }
 }

@@ -182,7 +182,7 @@ impl Intake {
         dedupe: Connection,
     ) -> Result<(Intake, Vec<Journaled>, u64), StoreError> {
         let dir = journal_dir(database);
-        std::fs::create_dir_all(&dir).map_err(|err| io_error(&dir, &err))?;
+        std::fs::create_dir_all(&dir).map_err(|err| io_error(&dir, err))?;
         if sync == SyncMode::Full {
             // The journal directory's own name lives in the database's
             // directory: without this fsync a power cut can take a new
@@ -201,7 +201,7 @@ impl Intake {
         // The last segment with records: its place in `closed` and last seq.
         let mut previous: Option<(usize, u64)> = None;
         for (segment, path) in segments(&dir)? {
-            let bytes = std::fs::read(&path).map_err(|err| io_error(&path, &err))?;
+            let bytes = std::fs::read(&path).map_err(|err| io_error(&path, err))?;
             let found = decode_all(&bytes);
             // Sequence numbers run on from one segment to the next (a torn
             // record's is used again): a gap not yet moved into SQLite means
@@ -278,7 +278,7 @@ impl Intake {
     pub fn append(&self, postback: &NewPostback) -> Result<Appended, StoreError> {
         let mut state = self.lock();
         if let Some(reason) = &state.failed {
-            return Err(StoreError::Database(reason.clone()));
+            return Err(StoreError::database(reason.clone()));
         }
         if let Some(duplicate) = self.seen(&state, postback)? {
             return Ok(duplicate);
@@ -298,7 +298,10 @@ impl Intake {
         let len = buffer.len() as u64;
         state.buffer = buffer;
         if let Err(err) = written {
-            return Err(StoreError::Database(format!("intake journal: {err}")));
+            return Err(StoreError::database_from(
+                format!("intake journal: {err}"),
+                err,
+            ));
         }
         state.len += len;
         state.next_seq += 1;
@@ -381,14 +384,14 @@ impl Intake {
         let (file, through) = {
             let state = self.lock();
             if let Some(reason) = &state.failed {
-                return Err(StoreError::Database(reason.clone()));
+                return Err(StoreError::database(reason.clone()));
             }
             (state.file.clone(), state.next_seq - 1)
         };
         if let Err(err) = blocking(|| self.sync_file(&file)) {
             let reason = format!("intake journal fdatasync failed: {err}");
             self.lock().failed = Some(reason.clone());
-            return Err(StoreError::Database(reason));
+            return Err(StoreError::database_from(reason, err));
         }
         self.synced.fetch_max(through, Ordering::AcqRel);
         Ok(())
@@ -563,7 +566,7 @@ impl Intake {
             blocking(|| self.sync_file(&file)).map_err(|err| {
                 let reason = format!("intake journal fdatasync failed: {err}");
                 state.failed = Some(reason.clone());
-                StoreError::Database(reason)
+                StoreError::database_from(reason, err)
             })?;
             self.synced.fetch_max(state.next_seq - 1, Ordering::AcqRel);
         }

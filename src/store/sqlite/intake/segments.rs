@@ -24,8 +24,8 @@ pub(super) fn segment_path(dir: &Path, segment: u64) -> PathBuf {
 /// The journal's segments in order.
 pub(super) fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|err| io_error(dir, &err))? {
-        let path = entry.map_err(|err| io_error(dir, &err))?.path();
+    for entry in std::fs::read_dir(dir).map_err(|err| io_error(dir, err))? {
+        let path = entry.map_err(|err| io_error(dir, err))?.path();
         let number = path
             .file_name()
             .and_then(|name| name.to_str())
@@ -54,7 +54,7 @@ pub(super) fn create_segment(
         .read(true)
         .write(true)
         .open(&path)
-        .map_err(|err| io_error(&path, &err))?;
+        .map_err(|err| io_error(&path, err))?;
     // Only with room to spare: writing zeros must not be what fills the disk
     // under the database.
     let room = rustix::fs::fstatvfs(&file)
@@ -72,7 +72,7 @@ pub(super) fn create_segment(
         if let Err(err) = written.and_then(|()| file.sync_all()) {
             tracing::debug!(segment = %path.display(), error = %err,
                 "intake segment not written out beforehand; it grows instead");
-            file.set_len(0).map_err(|err| io_error(&path, &err))?;
+            file.set_len(0).map_err(|err| io_error(&path, err))?;
         }
     }
     if sync == SyncMode::Full {
@@ -86,14 +86,14 @@ pub(super) fn create_segment(
 pub(in crate::store::sqlite) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|dir| dir.sync_all())
-        .map_err(|err| io_error(dir, &err))
+        .map_err(|err| io_error(dir, err))
 }
 
 /// How many damaged segments earlier starts kept aside in `dir`.
 pub(super) fn damaged_aside(dir: &Path) -> Result<u64, StoreError> {
     let mut count = 0;
-    for entry in std::fs::read_dir(dir).map_err(|err| io_error(dir, &err))? {
-        let entry = entry.map_err(|err| io_error(dir, &err))?;
+    for entry in std::fs::read_dir(dir).map_err(|err| io_error(dir, err))? {
+        let entry = entry.map_err(|err| io_error(dir, err))?;
         if entry.file_name().to_string_lossy().contains(DAMAGED) {
             count += 1;
         }
@@ -101,6 +101,6 @@ pub(super) fn damaged_aside(dir: &Path) -> Result<u64, StoreError> {
     Ok(count)
 }
 
-pub(super) fn io_error(path: &Path, err: &std::io::Error) -> StoreError {
-    StoreError::Database(format!("intake journal {}: {err}", path.display()))
+pub(super) fn io_error(path: &Path, err: std::io::Error) -> StoreError {
+    StoreError::database_from(format!("intake journal {}: {err}", path.display()), err)
 }
