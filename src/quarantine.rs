@@ -9,7 +9,7 @@
 use crate::ingest::prepare;
 use crate::postback;
 use crate::routing::Router;
-use crate::store::{Acceptance, QuarantinedBody, Store, StoreError};
+use crate::store::{Acceptance, OperatorStore, QuarantinedBody, StoreError};
 
 /// What replaying one body did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub enum Replayed {
 /// committed (or found a duplicate) and leaves the quarantine; when it still
 /// fails, it stays.
 pub async fn replay_body(
-    store: &dyn Store,
+    store: &dyn OperatorStore,
     router: &Router,
     source: &str,
     body: &QuarantinedBody,

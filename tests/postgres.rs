@@ -20,7 +20,7 @@ use common::pg::{Cluster, TestDatabase};
 use common::process::*;
 use common::*;
 use postback_relay::store::{
-    now_ms, Acceptance, NewPostback, Outcome, PostgresOptions, PostgresStore, Store,
+    now_ms, Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
 };
 use sha2::Digest;
 

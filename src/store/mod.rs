@@ -43,7 +43,7 @@ pub use sqlite::{SqliteOptions, SqliteStore};
 /// daemon. With SQLite it is the only instance: leases left by a previous
 /// process are void and its intake journal is moved in. With PostgreSQL other
 /// instances' leases are alive and are left to run out.
-pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(config: &Config) -> Result<Arc<dyn OperatorStore>, StoreError> {
     let store = &config.store;
     Ok(match store.backend {
         StoreBackend::Sqlite => Arc::new(SqliteStore::open(SqliteOptions {
@@ -471,7 +471,15 @@ impl StoreError {
     }
 }
 
-/// The durable queue behind the relay; see the module docs for the contract.
+/// The hot path of the durable queue: what ingest and delivery need to
+/// take postbacks in (accept, quarantine a refused body), hand jobs out and
+/// record their ends (claim, complete), follow pauses and removed targets,
+/// and report readiness. See the module docs for the contract.
+///
+/// Operators' reads and repairs live apart, in [`OperatorStore`], so the
+/// request and delivery paths cannot reach a listing or a purge, and a
+/// reader of this trait sees only what a postback's way through the relay
+/// depends on.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Commits a postback and its jobs (or finds it a duplicate); runs
@@ -484,6 +492,45 @@ pub trait Store: Send + Sync + 'static {
     /// Keeps an unparseable body: whole while the stored bodies stay
     /// within `quarantine.max_bytes` (a running total, no scan), else its prefix.
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<Kept, StoreError>;
+    /// Turns the jobs of `target` into dead letters with `reason` (its
+    /// target left the config; this process's dispatcher for it has
+    /// stopped); jobs leased by another instance are left. Returns how many.
+    async fn dead_letter_target(&self, target: &str, reason: &str) -> Result<u64, StoreError>;
+    /// Records that `target` is paused (or not) for every instance.
+    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;
+    /// The targets paused now.
+    async fn paused_targets(&self) -> Result<Vec<String>, StoreError>;
+    /// Leases up to `limit` due jobs of `target` for `lease`.
+    async fn claim(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError>;
+    /// Records the end of attempts, in one batch.
+    async fn complete(&self, outcomes: Vec<(JobId, Outcome)>) -> Result<(), StoreError>;
+    /// A small durable write, so readiness recovers by itself once the store
+    /// can commit again, even when no postback arrives.
+    async fn probe(&self) -> Result<(), StoreError>;
+    /// Whether the last write succeeded; drives `/readyz`.
+    fn is_ready(&self) -> bool;
+    /// Damaged intake journal segments kept aside for an operator (SQLite
+    /// only): above 0, acknowledged postbacks may have been lost.
+    fn damaged_journal_segments(&self) -> u64 {
+        0
+    }
+    /// Finishes queued writes and closes cleanly.
+    async fn close(&self) -> Result<(), StoreError>;
+}
+
+/// What operators (the admin API, the gauges, quarantine replay) read and
+/// repair: queue detail and counts, dead letters and quarantined bodies
+/// (listing, detail, replay, purge). Every backend implements it beside
+/// [`Store`]; it is kept out of the hot path so ingest and delivery depend
+/// on the few calls they make, and its methods may be costlier (scans,
+/// joins) than anything on that path.
+#[async_trait]
+pub trait OperatorStore: Store {
     /// What the quarantine holds (the running total).
     async fn quarantine_usage(&self) -> Result<QuarantineUsage, StoreError>;
     /// Quarantined bodies by first arrival (then hash); the page cursor is
@@ -519,39 +566,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
     /// Deletes dead letters (and bodies nothing needs any more); returns how many.
     async fn purge_dead_letters(&self, ids: &[DeadLetterId]) -> Result<u64, StoreError>;
-    /// Turns the jobs of `target` into dead letters with `reason` (its
-    /// target left the config; this process's dispatcher for it has
-    /// stopped); jobs leased by another instance are left. Returns how many.
-    async fn dead_letter_target(&self, target: &str, reason: &str) -> Result<u64, StoreError>;
-    /// Records that `target` is paused (or not) for every instance.
-    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;
-    /// The targets paused now.
-    async fn paused_targets(&self) -> Result<Vec<String>, StoreError>;
-    /// The queue per target in detail (costlier than [`Store::stats`]).
+    /// The queue per target in detail (costlier than [`OperatorStore::stats`]).
     async fn queue(&self) -> Result<Vec<TargetQueue>, StoreError>;
-    /// Leases up to `limit` due jobs of `target` for `lease`.
-    async fn claim(
-        &self,
-        target: &str,
-        limit: usize,
-        lease: Duration,
-    ) -> Result<Vec<Job>, StoreError>;
-    /// Records the end of attempts, in one batch.
-    async fn complete(&self, outcomes: Vec<(JobId, Outcome)>) -> Result<(), StoreError>;
-    /// A small durable write, so readiness recovers by itself once the store
-    /// can commit again, even when no postback arrives.
-    async fn probe(&self) -> Result<(), StoreError>;
     /// Pending and dead counts per target.
     async fn stats(&self) -> Result<Vec<TargetStats>, StoreError>;
-    /// Whether the last write succeeded; drives `/readyz`.
-    fn is_ready(&self) -> bool;
-    /// Damaged intake journal segments kept aside for an operator (SQLite
-    /// only): above 0, acknowledged postbacks may have been lost.
-    fn damaged_journal_segments(&self) -> u64 {
-        0
-    }
-    /// Finishes queued writes and closes cleanly.
-    async fn close(&self) -> Result<(), StoreError>;
 }
 
 /// The envelope's `subject` (Sinch's tracking id), read without parsing the

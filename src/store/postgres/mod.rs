@@ -48,6 +48,7 @@
 
 mod errors;
 mod janitor;
+mod operator;
 mod schema;
 mod statements;
 mod store_impl;

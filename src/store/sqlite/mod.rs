@@ -13,6 +13,7 @@
 mod housekeeping;
 mod intake;
 mod leases;
+mod operator;
 mod schema;
 mod statements;
 mod store_impl;
