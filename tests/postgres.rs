@@ -19,8 +19,9 @@ use bytes::Bytes;
 use common::pg::{Cluster, TestDatabase};
 use common::process::*;
 use common::*;
+use postback_relay::clock::now_ms;
 use postback_relay::store::{
-    now_ms, Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
+    Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
 };
 use sha2::Digest;
 

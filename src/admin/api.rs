@@ -14,11 +14,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::Admin;
+use crate::clock::now_ms;
 use crate::delivery::fleet::PauseError;
 use crate::http_server::{json_response, HttpResponse};
 use crate::quarantine::{replay_body, Replayed};
 use crate::store::{
-    now_ms, DeadLetter, DeadLetterFilter, DeadLetterId, Page, QuarantineFilter, QuarantinedBody,
+    DeadLetter, DeadLetterFilter, DeadLetterId, Page, QuarantineFilter, QuarantinedBody,
     StoreError, NO_ROUTE_TARGET,
 };
 

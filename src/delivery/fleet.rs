@@ -28,10 +28,11 @@ use tokio_util::task::TaskTracker;
 
 use super::sink::HttpClient;
 use super::{build_targets, run_dispatcher};
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Job, JobId, Store, StoreError};
+use crate::store::{Job, JobId, Store, StoreError};
 
 /// Reason recorded on the dead letters of a target that left the config.
 pub const TARGET_REMOVED: &str = "target removed";

@@ -23,9 +23,10 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::now_ms;
 use crate::config::{Config, TargetKind};
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Job, JobId, Outcome, Store, StoreError};
+use crate::store::{Job, JobId, Outcome, Store, StoreError};
 use fleet::{Control, IngestLoad};
 use ready::Ready;
 use retry::{Next, RetryPolicy, Verdict};

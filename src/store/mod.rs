@@ -25,17 +25,20 @@
 //! [`PostgresStore`] (several instances sharing one queue); [`open`] picks the
 //! one the config names.
 
+mod dedupe;
 mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::clock::now_ms;
 use crate::config::{Config, QuarantineConfig, StoreBackend};
 
+pub use dedupe::{dedupe_key, MAX_DEDUPE_KEY_BYTES};
 pub use postgres::{describe_url, PostgresOptions, PostgresStore, MIN_POOL_SIZE};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -142,7 +145,7 @@ pub struct NewPostback {
     /// Envelope id (ULID) assigned by the ingest side.
     pub id: String,
     /// `origin|code|tracking-id`, or the body hash when there is no tracking
-    /// id; at most [`crate::ingest::MAX_DEDUPE_KEY_BYTES`] long (longer keys
+    /// id; at most [`MAX_DEDUPE_KEY_BYTES`] long (longer keys
     /// are replaced by their digest where they are built).
     pub dedupe_key: String,
     /// When ingest received it.
@@ -580,16 +583,4 @@ pub fn tracking_id_of(envelope: &[u8]) -> Option<String> {
         subject: Option<String>,
     }
     serde_json::from_slice::<Subject>(envelope).ok()?.subject
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    to_ms(SystemTime::now())
-}
-
-/// A point in time as Unix milliseconds.
-pub fn to_ms(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

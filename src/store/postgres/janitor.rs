@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::statements::{PRUNE_DEDUPE_SQL, PRUNE_QUARANTINE_SQL};
 use super::{Shared, DEDUPE_PRUNE_LIMIT, DEDUPE_PRUNE_ROUNDS, HEARTBEAT_KEEP_MS, JANITOR_EVERY};
-use crate::store::{now_ms, QUARANTINE_PRUNE_LIMIT};
+use crate::clock::now_ms;
+use crate::store::QUARANTINE_PRUNE_LIMIT;
 
 impl Shared {
     /// Runs `sql`, a DELETE of at most `$2` rows older than `$1`, again while

@@ -13,11 +13,13 @@ use super::statements::{
 };
 use super::writer::{in_transaction, step_by_step};
 use super::PostgresStore;
+use crate::clock::now_ms;
 use crate::store::{
-    now_ms, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, OperatorStore, Page,
+    DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, OperatorStore, Page,
     QuarantineFilter, QuarantineUsage, QuarantinedBody, StoreError, TargetQueue, TargetStats,
     DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, QUARANTINE_SELECT,
 };
+
 #[async_trait]
 impl OperatorStore for PostgresStore {
     async fn quarantine_usage(&self) -> Result<QuarantineUsage, StoreError> {

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use super::errors::{describe, pool_error};
 use super::{Shared, MIGRATION_LOCK};
-use crate::store::{now_ms, StoreError};
+use crate::clock::now_ms;
+use crate::store::StoreError;
 
 /// The schema, one entry per version; each migrates from the previous one.
 /// Table and column names are those of the SQLite store.

@@ -8,7 +8,8 @@ use futures_util::FutureExt;
 use tokio_postgres::types::ToSql;
 
 use super::clean;
-use crate::store::{now_ms, DeadLetter, JobId, Outcome, QuarantinedBody};
+use crate::clock::now_ms;
+use crate::store::{DeadLetter, JobId, Outcome, QuarantinedBody};
 
 /// Commits a batch of postbacks: dedupe keys (sorted), then the events whose
 /// key this batch won, their jobs, and a "no route" dead letter for those

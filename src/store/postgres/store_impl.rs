@@ -14,8 +14,9 @@ use super::statements::{
 };
 use super::writer::in_transaction;
 use super::{clean, Accept, PostgresStore};
+use crate::clock::now_ms;
 use crate::store::{
-    now_ms, Acceptance, Job, JobId, Kept, NewPostback, OnCommit, Outcome, QuarantineEntry, Store,
+    Acceptance, Job, JobId, Kept, NewPostback, OnCommit, Outcome, QuarantineEntry, Store,
     StoreError, QUARANTINE_PREFIX_BYTES,
 };
 

@@ -38,10 +38,9 @@ use self::leases::Leases;
 use self::schema::{create_parent_dirs, migrate, open_connection};
 use self::statements::insert_postback;
 use self::writer::{Maintenance, Moving, Watermark, Work, Writer};
+use crate::clock::now_ms;
 use crate::config::SyncMode;
-use crate::store::{
-    now_ms, Job, JobId, Kept, Outcome, QuarantineEntry, QuarantineLimits, StoreError,
-};
+use crate::store::{Job, JobId, Kept, Outcome, QuarantineEntry, QuarantineLimits, StoreError};
 
 /// Commands waiting for the writer before callers wait for room.
 const QUEUE_CAPACITY: usize = 4 * 1024;

@@ -9,11 +9,13 @@ use super::statements::{
     dead_letter_row, forget_events, quarantined_body, read_quarantine, read_stats,
 };
 use super::SqliteStore;
+use crate::clock::now_ms;
 use crate::store::{
-    now_ms, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, OperatorStore, Page,
+    DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterId, OperatorStore, Page,
     QuarantineFilter, QuarantineUsage, QuarantinedBody, StoreError, TargetQueue, TargetStats,
     DEAD_LETTER_COLUMNS, DEAD_LETTER_FROM, QUARANTINE_SELECT,
 };
+
 #[async_trait]
 impl OperatorStore for SqliteStore {
     async fn quarantine_usage(&self) -> Result<QuarantineUsage, StoreError> {

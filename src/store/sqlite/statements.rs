@@ -9,10 +9,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::leases::Leases;
 use super::writer::DEDUPE_PRUNE_LIMIT;
+use crate::clock::now_ms;
 use crate::store::{
-    now_ms, DeadLetter, Job, JobId, Kept, NewPostback, Outcome, Page, QuarantineEntry,
-    QuarantineFilter, QuarantinedBody, TargetStats, NO_ROUTE_TARGET, QUARANTINE_PREFIX_BYTES,
-    QUARANTINE_PRUNE_LIMIT, QUARANTINE_SELECT,
+    DeadLetter, Job, JobId, Kept, NewPostback, Outcome, Page, QuarantineEntry, QuarantineFilter,
+    QuarantinedBody, TargetStats, NO_ROUTE_TARGET, QUARANTINE_PREFIX_BYTES, QUARANTINE_PRUNE_LIMIT,
+    QUARANTINE_SELECT,
 };
 
 pub(super) fn read_stats(conn: &Connection) -> rusqlite::Result<Vec<TargetStats>> {

@@ -10,8 +10,9 @@ use rusqlite::params;
 use super::intake::{Appended, Journaled};
 use super::writer::{Moving, QueuedBytes};
 use super::{Command, SqliteStore, QUEUE_WAIT};
+use crate::clock::now_ms;
 use crate::store::{
-    now_ms, Acceptance, Job, JobId, Kept, NewPostback, OnCommit, Outcome, QuarantineEntry, Store,
+    Acceptance, Job, JobId, Kept, NewPostback, OnCommit, Outcome, QuarantineEntry, Store,
     StoreError,
 };
 

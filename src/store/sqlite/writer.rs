@@ -14,8 +14,9 @@ use super::intake::{Intake, Journaled};
 use super::leases::Leases;
 use super::statements::{claim, complete_all, insert_postback, prune_dedupe, quarantine};
 use super::{db_error, Command, Reply};
+use crate::clock::now_ms;
 use crate::config::SyncMode;
-use crate::store::{now_ms, JobId, NewPostback, OnCommit, StoreError};
+use crate::store::{JobId, NewPostback, OnCommit, StoreError};
 
 /// How often expired dedupe keys are deleted, and how many per transaction:
 /// a round deletes batch after batch until none is left, one per
