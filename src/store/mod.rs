@@ -1,4 +1,6 @@
 //! The store seam: everything the relay must not lose goes through [`Store`].
+//! What operators read and repair (listings, counts, replay, purge) goes
+//! through [`OperatorStore`], kept off that hot path.
 //!
 //! The contract every backend keeps (SQLite for one instance, PostgreSQL when
 //! several instances share one queue):
@@ -169,7 +171,7 @@ pub struct NewPostback {
 /// ids in target order when it inserted them leased
 /// ([`NewPostback::leased_until_ms`]), empty otherwise. The SQLite store
 /// acknowledges before its writer thread has inserted the jobs (see
-/// `store::intake`), so whatever starts them must wait for this. It runs on
+/// `store::sqlite::intake`), so whatever starts them must wait for this. It runs on
 /// the committing thread: it must not block.
 pub type OnCommit = Box<dyn FnOnce(&[JobId]) + Send>;
 
