@@ -21,6 +21,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::access::{AccessPolicy, ConnectionInfo, Denied};
+use crate::clock::now_ms;
 use crate::envelope::Envelope;
 use crate::http_server::{json_response, HttpResponse, REFUSAL_LOG_EVERY};
 use crate::live::Live;
@@ -30,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::postback::{self, Postback};
 use crate::routing::{Decision, Router};
 use crate::store::{
-    now_ms, Acceptance, Committer, Kept, NewPostback, QuarantineEntry, Store, StoreError,
+    dedupe_key, Acceptance, Committer, Kept, NewPostback, QuarantineEntry, Store, StoreError,
 };
 
 /// Seconds Sinch is asked to wait after a 503 (it waits ~5 minutes anyway).
@@ -242,7 +243,9 @@ impl Ingest {
                     ),
                 )
             }
-            Err(StoreError::Refused(reason)) => {
+            Err(StoreError::Refused {
+                message: reason, ..
+            }) => {
                 // Sending it again cannot help: keep it for an operator.
                 log("refused", &id);
                 self.quarantine(reason, body, content_type, received_at_ms)
@@ -362,36 +365,6 @@ pub fn prepare(
         tracking_id: postback.tracking_id().map(str::to_owned),
     };
     (new, decision)
-}
-
-/// Longest dedupe key stored as it is. Longer ones (a tracking id of
-/// thousands of characters) are stored as `sha256:<hex>` of the whole key, on
-/// both backends alike: an index entry has a size limit (PostgreSQL's btree
-/// refuses entries above ~2.7 kB), and a key is compared, never shown.
-pub const MAX_DEDUPE_KEY_BYTES: usize = 200;
-
-/// Retries of one postback must map to one key. N101 and N102 share a tracking
-/// id, so origin and code are part of it; without a tracking id the body is the
-/// only identity there is. A digest never collides with a readable key
-/// (those contain `|`), nor with a body hash: the bytes hashed are the key,
-/// which is no postback body.
-fn dedupe_key(postback: &Postback, body: &[u8]) -> String {
-    match postback.tracking_id() {
-        Some(tracking_id) => {
-            let key = format!(
-                "{}|{}|{}",
-                postback.origin().trim().to_ascii_uppercase(),
-                postback.code().trim().to_ascii_uppercase(),
-                tracking_id
-            );
-            if key.len() > MAX_DEDUPE_KEY_BYTES {
-                format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
-            } else {
-                key
-            }
-        }
-        None => format!("sha256:{}", hex::encode(Sha256::digest(body))),
-    }
 }
 
 fn error(status: StatusCode, message: &str) -> HttpResponse {

@@ -23,6 +23,7 @@
 pub mod access;
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod envelope;

@@ -264,7 +264,7 @@ impl Metrics {
             self.dead_letters.with_label_values(&[target]).set(0);
             self.queue_oldest_age.with_label_values(&[target]).set(0.0);
         }
-        let now = crate::store::now_ms();
+        let now = crate::clock::now_ms();
         for stat in stats {
             self.queue_pending
                 .with_label_values(&[&stat.target])

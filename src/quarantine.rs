@@ -9,7 +9,7 @@
 use crate::ingest::prepare;
 use crate::postback;
 use crate::routing::Router;
-use crate::store::{Acceptance, Committer, QuarantinedBody, StoreError};
+use crate::store::{Acceptance, Committer, OperatorStore, QuarantinedBody, StoreError};
 
 /// What replaying one body did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,7 @@ pub enum Replayed {
 /// fails, it stays.
 pub async fn replay_body(
     committer: &Committer,
+    store: &dyn OperatorStore,
     router: &Router,
     source: &str,
     body: &QuarantinedBody,
@@ -82,12 +83,13 @@ pub async fn replay_body(
         },
         Ok(Acceptance::Duplicate { original_id }) => Replayed::Duplicate { original_id },
         // The database still refuses it: it stays.
-        Err(StoreError::Refused(error)) => return Ok(Replayed::StillInvalid { error }),
+        Err(StoreError::Refused { message, .. }) => {
+            return Ok(Replayed::StillInvalid { error: message })
+        }
         Err(err) => return Err(err),
     };
     // Committed (or already there): the quarantine copy is done with.
-    committer
-        .store()
+    store
         .remove_quarantined(std::slice::from_ref(&body.body_hash))
         .await?;
     Ok(outcome)

@@ -23,7 +23,7 @@ use crate::live::Live;
 use crate::load::IngestLoad;
 use crate::metrics::Metrics;
 use crate::routing::Router;
-use crate::store::{self, Committer, Store};
+use crate::store::{self, Committer, OperatorStore};
 use crate::tls::TlsReloader;
 
 /// How often the queue gauges are read from the store.
@@ -161,7 +161,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let ingest_addr = ingest_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let store: Arc<dyn Store> = store::open(&config)
+    let store: Arc<dyn OperatorStore> = store::open(&config)
         .await
         .with_context(|| format!("cannot open the store ({})", config.store.describe()))?;
     let metrics = Metrics::new();
@@ -357,7 +357,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
 /// Jobs queued for a target the config no longer has would wait forever:
 /// they become dead letters ("target removed"), kept for a replay once the
 /// target is configured again — as a reload that removes a target does.
-async fn dead_letter_removed_targets(store: &dyn Store, config: &Config) {
+async fn dead_letter_removed_targets(store: &dyn OperatorStore, config: &Config) {
     let stats = match store.stats().await {
         Ok(stats) => stats,
         Err(err) => {
@@ -394,7 +394,7 @@ fn log_target_changes(changes: &TargetChanges) {
 /// `relay_journal_damaged_segments` close to the store's truth, follows pauses made by other instances, and probes a store that
 /// failed so `/readyz` recovers without traffic.
 async fn refresh_gauges(
-    store: Arc<dyn Store>,
+    store: Arc<dyn OperatorStore>,
     metrics: Metrics,
     fleet: Arc<Fleet>,
     shutdown: CancellationToken,

@@ -21,10 +21,11 @@ use super::model::{
 };
 use super::refusal::{bad_request, not_found, Refusal};
 use super::Admin;
+use crate::clock::now_ms;
 use crate::delivery::fleet::PauseError;
 use crate::http_server::{json_response, HttpResponse};
 use crate::quarantine::{replay_body, Replayed};
-use crate::store::{now_ms, DeadLetterId, NO_ROUTE_TARGET};
+use crate::store::{DeadLetterId, NO_ROUTE_TARGET};
 
 /// Largest request body (a selection of ids or hashes).
 const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -350,7 +351,14 @@ async fn replay_quarantine(admin: &Admin, body: Value) -> Result<QuarantineRepla
     let mut results = Vec::new();
     while let Some(bodies) = walk.next(admin.store.as_ref()).await? {
         for body in bodies {
-            let outcome = replay_body(&admin.committer, &router, &admin.source, &body).await?;
+            let outcome = replay_body(
+                &admin.committer,
+                admin.store.as_ref(),
+                &router,
+                &admin.source,
+                &body,
+            )
+            .await?;
             let outcome = match outcome {
                 Replayed::Accepted { id, targets } => {
                     accepted += 1;

@@ -12,8 +12,8 @@ use super::model::{self, DeadLetterSelection, Purged, QuarantineSelection};
 use super::refusal::{bad_request, millis, parse_time, time, Refusal};
 use super::Admin;
 use crate::store::{
-    DeadLetter, DeadLetterFilter, DeadLetterId, Page, QuarantineFilter, QuarantinedBody, Store,
-    StoreError,
+    DeadLetter, DeadLetterFilter, DeadLetterId, OperatorStore, Page, QuarantineFilter,
+    QuarantinedBody, StoreError,
 };
 
 /// Items per page when the client does not say, and at most.
@@ -62,17 +62,20 @@ pub(super) trait Kind: Send + Sync + 'static {
     /// A listing's answer.
     fn page(items: &[Self::Item], next: Option<String>) -> Self::Page;
     /// One item (None: there is no such item).
-    async fn one(store: &dyn Store, key: &Self::Key) -> Result<Option<Self::Item>, StoreError>;
+    async fn one(
+        store: &dyn OperatorStore,
+        key: &Self::Key,
+    ) -> Result<Option<Self::Item>, StoreError>;
     /// One page of the store's listing.
     async fn list(
-        store: &dyn Store,
+        store: &dyn OperatorStore,
         filter: &Self::Filter,
         page: &Page<Self::Cursor>,
     ) -> Result<Vec<Self::Item>, StoreError>;
     /// Where a filter's walk ends, read as it begins.
-    async fn walk_end(store: &dyn Store) -> Result<End<Self::Cursor>, StoreError>;
+    async fn walk_end(store: &dyn OperatorStore) -> Result<End<Self::Cursor>, StoreError>;
     /// Deletes items; how many were there.
-    async fn purge(store: &dyn Store, keys: &[Self::Key]) -> Result<u64, StoreError>;
+    async fn purge(store: &dyn OperatorStore, keys: &[Self::Key]) -> Result<u64, StoreError>;
 }
 
 /// A selection's parts: listed keys, a filter, `all` (one of them is set
@@ -159,26 +162,29 @@ impl Kind for DeadLetters {
         }
     }
 
-    async fn one(store: &dyn Store, id: &DeadLetterId) -> Result<Option<DeadLetter>, StoreError> {
+    async fn one(
+        store: &dyn OperatorStore,
+        id: &DeadLetterId,
+    ) -> Result<Option<DeadLetter>, StoreError> {
         Ok(store.dead_letter(*id).await?.map(|detail| detail.letter))
     }
 
     async fn list(
-        store: &dyn Store,
+        store: &dyn OperatorStore,
         filter: &DeadLetterFilter,
         page: &Page<DeadLetterId>,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         store.list_dead_letters(filter, page).await
     }
 
-    async fn walk_end(store: &dyn Store) -> Result<End<DeadLetterId>, StoreError> {
+    async fn walk_end(store: &dyn OperatorStore) -> Result<End<DeadLetterId>, StoreError> {
         Ok(match store.newest_dead_letter_id().await? {
             Some(newest) => End::At(newest),
             None => End::Empty,
         })
     }
 
-    async fn purge(store: &dyn Store, ids: &[DeadLetterId]) -> Result<u64, StoreError> {
+    async fn purge(store: &dyn OperatorStore, ids: &[DeadLetterId]) -> Result<u64, StoreError> {
         store.purge_dead_letters(ids).await
     }
 }
@@ -258,23 +264,26 @@ impl Kind for Quarantine {
         }
     }
 
-    async fn one(store: &dyn Store, hash: &String) -> Result<Option<QuarantinedBody>, StoreError> {
+    async fn one(
+        store: &dyn OperatorStore,
+        hash: &String,
+    ) -> Result<Option<QuarantinedBody>, StoreError> {
         store.quarantined(hash).await
     }
 
     async fn list(
-        store: &dyn Store,
+        store: &dyn OperatorStore,
         filter: &QuarantineFilter,
         page: &Page<(i64, String)>,
     ) -> Result<Vec<QuarantinedBody>, StoreError> {
         store.list_quarantine(filter, page).await
     }
 
-    async fn walk_end(_: &dyn Store) -> Result<End<(i64, String)>, StoreError> {
+    async fn walk_end(_: &dyn OperatorStore) -> Result<End<(i64, String)>, StoreError> {
         Ok(End::Open)
     }
 
-    async fn purge(store: &dyn Store, hashes: &[String]) -> Result<u64, StoreError> {
+    async fn purge(store: &dyn OperatorStore, hashes: &[String]) -> Result<u64, StoreError> {
         store.remove_quarantined(hashes).await
     }
 }
@@ -405,7 +414,7 @@ impl<K: Kind> Walk<K> {
     /// The next chunk, or None when the walk is done.
     pub(super) async fn next(
         &mut self,
-        store: &dyn Store,
+        store: &dyn OperatorStore,
     ) -> Result<Option<Vec<K::Item>>, Refusal> {
         match &mut self.chosen {
             Chosen::Keys { keys, position } => {

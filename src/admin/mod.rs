@@ -28,14 +28,14 @@ use crate::http_server::{json_response, HttpResponse};
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::routing::Router;
-use crate::store::{Committer, Store};
+use crate::store::{Committer, OperatorStore};
 
 /// Shared state of the admin endpoints.
 pub struct Admin {
     /// Rendered on `/metrics`.
     pub metrics: Metrics,
     /// Asked by `/readyz` whether commits succeed; the API's data.
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn OperatorStore>,
     /// The API's bearer token (None: the API is off); replaced by a reload.
     pub token: Arc<Live<Option<String>>>,
     /// Targets to pause, resume and wake after a replay.

@@ -28,11 +28,12 @@ use tokio_util::task::TaskTracker;
 
 use super::sink::HttpClient;
 use super::{build_targets, run_dispatcher};
+use crate::clock::now_ms;
 use crate::config::{Config, DeliveryConfig, TargetConfig};
 use crate::live::Live;
 use crate::load::IngestLoad;
 use crate::metrics::Metrics;
-use crate::store::{now_ms, FreshJobs, Job, Reservation, Store, StoreError};
+use crate::store::{FreshJobs, Job, Reservation, Store, StoreError};
 
 /// Reason recorded on the dead letters of a target that left the config.
 pub const TARGET_REMOVED: &str = "target removed";

@@ -47,11 +47,6 @@ impl Committer {
         Committer { store, outlet }
     }
 
-    /// The store behind it, for everything but accepting.
-    pub fn store(&self) -> &dyn Store {
-        self.store.as_ref()
-    }
-
     /// [`Store::accept`], then the jobs to delivery (see the module docs).
     pub async fn accept(&self, postback: NewPostback) -> Result<Acceptance, StoreError> {
         if postback.targets.is_empty() {

@@ -1,4 +1,6 @@
 //! The store seam: everything the relay must not lose goes through [`Store`].
+//! What operators read and repair (listings, counts, replay, purge) goes
+//! through [`OperatorStore`], kept off that hot path.
 //!
 //! The contract every backend keeps (SQLite for one instance, PostgreSQL when
 //! several instances share one queue):
@@ -25,20 +27,21 @@
 //! [`PostgresStore`] (several instances sharing one queue); [`open`] picks the
 //! one the config names.
 
+mod dedupe;
 mod handoff;
-mod intake;
-mod leases;
 mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::clock::now_ms;
 use crate::config::{Config, QuarantineConfig, StoreBackend};
 
+pub use dedupe::{dedupe_key, MAX_DEDUPE_KEY_BYTES};
 pub use handoff::{Committer, FreshJobs, Reservation};
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -47,7 +50,7 @@ pub use sqlite::{SqliteOptions, SqliteStore};
 /// daemon. With SQLite it is the only instance: leases left by a previous
 /// process are void and its intake journal is moved in. With PostgreSQL other
 /// instances' leases are alive and are left to run out.
-pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(config: &Config) -> Result<Arc<dyn OperatorStore>, StoreError> {
     let store = &config.store;
     Ok(match store.backend {
         StoreBackend::Sqlite => Arc::new(SqliteStore::open(SqliteOptions {
@@ -63,7 +66,7 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
                 Some(source) => Some(
                     source
                         .resolve()
-                        .map_err(|err| StoreError::Database(format!("store.password: {err}")))?,
+                        .map_err(|err| StoreError::database(format!("store.password: {err}")))?,
                 ),
                 None => None,
             };
@@ -146,7 +149,7 @@ pub struct NewPostback {
     /// Envelope id (ULID) assigned by the ingest side.
     pub id: String,
     /// `origin|code|tracking-id`, or the body hash when there is no tracking
-    /// id; at most [`crate::ingest::MAX_DEDUPE_KEY_BYTES`] long (longer keys
+    /// id; at most [`MAX_DEDUPE_KEY_BYTES`] long (longer keys
     /// are replaced by their digest where they are built).
     pub dedupe_key: String,
     /// When ingest received it.
@@ -165,7 +168,7 @@ pub struct NewPostback {
 
 /// What the [`Committer`] asks a backend to do once an accepted postback's
 /// jobs exist. The SQLite store acknowledges before its writer thread has
-/// inserted the jobs (see `store::intake`), so whatever starts them must
+/// inserted the jobs (see `store::sqlite::intake`), so whatever starts them must
 /// wait for this.
 pub struct AfterCommit {
     /// Insert the jobs leased to this process until then, so they can be
@@ -412,22 +415,84 @@ pub struct DeadLetterDetail {
 
 /// Why the store could not do what was asked. Ingest answers `Refused`
 /// with 400 (after quarantining the body) and every other variant with 503.
+///
+/// A variant keeps the error underneath it as its [`source`](std::error::Error::source)
+/// (so a caller can walk or downcast it), while its message already carries
+/// that error's text: the Display stays what logs and operators know.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database refused or failed (disk full, locked, I/O error).
-    #[error("store error: {0}")]
-    Database(String),
+    #[error("store error: {message}")]
+    Database {
+        /// What failed, with its cause's text.
+        message: String,
+        /// The failure underneath, when there was one.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The database refused this one postback's data (a value it cannot
     /// store): retrying it can never succeed, unlike a [`StoreError::Database`]
     /// failure; the rest of its batch was committed.
-    #[error("the database refused this postback: {0}")]
-    Refused(String),
+    #[error("the database refused this postback: {message}")]
+    Refused {
+        /// Why, in the database's words.
+        message: String,
+        /// The database's error.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The store is shutting down or its writer has stopped.
     #[error("store is closed")]
     Closed,
 }
 
-/// The durable queue behind the relay; see the module docs for the contract.
+/// The error underneath a [`StoreError`]; shared, because a failed batch
+/// answers every caller in it with a clone of one error.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+impl StoreError {
+    /// A database failure with no error underneath (a full queue, a state
+    /// the store refuses to go on from).
+    pub fn database(message: impl Into<String>) -> StoreError {
+        StoreError::Database {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A database failure caused by `source`, whose text `message` includes.
+    pub fn database_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::Database {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The database refused one postback's data with `source`, whose text
+    /// `message` includes.
+    pub fn refused_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::Refused {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+/// The hot path of the durable queue: what ingest and delivery need to
+/// take postbacks in (accept, quarantine a refused body), hand jobs out and
+/// record their ends (claim, complete), follow pauses and removed targets,
+/// and report readiness. See the module docs for the contract.
+///
+/// Operators' reads and repairs live apart, in [`OperatorStore`], so the
+/// request and delivery paths cannot reach a listing or a purge, and a
+/// reader of this trait sees only what a postback's way through the relay
+/// depends on.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Commits a postback and its jobs (or finds it a duplicate); runs
@@ -441,6 +506,45 @@ pub trait Store: Send + Sync + 'static {
     /// Keeps an unparseable body: whole while the stored bodies stay
     /// within `quarantine.max_bytes` (a running total, no scan), else its prefix.
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<Kept, StoreError>;
+    /// Turns the jobs of `target` into dead letters with `reason` (its
+    /// target left the config; this process's dispatcher for it has
+    /// stopped); jobs leased by another instance are left. Returns how many.
+    async fn dead_letter_target(&self, target: &str, reason: &str) -> Result<u64, StoreError>;
+    /// Records that `target` is paused (or not) for every instance.
+    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;
+    /// The targets paused now.
+    async fn paused_targets(&self) -> Result<Vec<String>, StoreError>;
+    /// Leases up to `limit` due jobs of `target` for `lease`.
+    async fn claim(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError>;
+    /// Records the end of attempts, in one batch.
+    async fn complete(&self, outcomes: Vec<(JobId, Outcome)>) -> Result<(), StoreError>;
+    /// A small durable write, so readiness recovers by itself once the store
+    /// can commit again, even when no postback arrives.
+    async fn probe(&self) -> Result<(), StoreError>;
+    /// Whether the last write succeeded; drives `/readyz`.
+    fn is_ready(&self) -> bool;
+    /// Damaged intake journal segments kept aside for an operator (SQLite
+    /// only): above 0, acknowledged postbacks may have been lost.
+    fn damaged_journal_segments(&self) -> u64 {
+        0
+    }
+    /// Finishes queued writes and closes cleanly.
+    async fn close(&self) -> Result<(), StoreError>;
+}
+
+/// What operators (the admin API, the gauges, quarantine replay) read and
+/// repair: queue detail and counts, dead letters and quarantined bodies
+/// (listing, detail, replay, purge). Every backend implements it beside
+/// [`Store`]; it is kept out of the hot path so ingest and delivery depend
+/// on the few calls they make, and its methods may be costlier (scans,
+/// joins) than anything on that path.
+#[async_trait]
+pub trait OperatorStore: Store {
     /// What the quarantine holds (the running total).
     async fn quarantine_usage(&self) -> Result<QuarantineUsage, StoreError>;
     /// Quarantined bodies by first arrival (then hash); the page cursor is
@@ -476,39 +580,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
     /// Deletes dead letters (and bodies nothing needs any more); returns how many.
     async fn purge_dead_letters(&self, ids: &[DeadLetterId]) -> Result<u64, StoreError>;
-    /// Turns the jobs of `target` into dead letters with `reason` (its
-    /// target left the config; this process's dispatcher for it has
-    /// stopped); jobs leased by another instance are left. Returns how many.
-    async fn dead_letter_target(&self, target: &str, reason: &str) -> Result<u64, StoreError>;
-    /// Records that `target` is paused (or not) for every instance.
-    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;
-    /// The targets paused now.
-    async fn paused_targets(&self) -> Result<Vec<String>, StoreError>;
-    /// The queue per target in detail (costlier than [`Store::stats`]).
+    /// The queue per target in detail (costlier than [`OperatorStore::stats`]).
     async fn queue(&self) -> Result<Vec<TargetQueue>, StoreError>;
-    /// Leases up to `limit` due jobs of `target` for `lease`.
-    async fn claim(
-        &self,
-        target: &str,
-        limit: usize,
-        lease: Duration,
-    ) -> Result<Vec<Job>, StoreError>;
-    /// Records the end of attempts, in one batch.
-    async fn complete(&self, outcomes: Vec<(JobId, Outcome)>) -> Result<(), StoreError>;
-    /// A small durable write, so readiness recovers by itself once the store
-    /// can commit again, even when no postback arrives.
-    async fn probe(&self) -> Result<(), StoreError>;
     /// Pending and dead counts per target.
     async fn stats(&self) -> Result<Vec<TargetStats>, StoreError>;
-    /// Whether the last write succeeded; drives `/readyz`.
-    fn is_ready(&self) -> bool;
-    /// Damaged intake journal segments kept aside for an operator (SQLite
-    /// only): above 0, acknowledged postbacks may have been lost.
-    fn damaged_journal_segments(&self) -> u64 {
-        0
-    }
-    /// Finishes queued writes and closes cleanly.
-    async fn close(&self) -> Result<(), StoreError>;
 }
 
 /// The envelope's `subject` (Sinch's tracking id), read without parsing the
@@ -519,16 +594,4 @@ pub fn tracking_id_of(envelope: &[u8]) -> Option<String> {
         subject: Option<String>,
     }
     serde_json::from_slice::<Subject>(envelope).ok()?.subject
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    to_ms(SystemTime::now())
-}
-
-/// A point in time as Unix milliseconds.
-pub fn to_ms(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

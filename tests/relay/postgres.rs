@@ -17,8 +17,9 @@ use crate::common::pg::{Cluster, TestDatabase};
 use crate::common::process::*;
 use crate::common::*;
 use bytes::Bytes;
+use postback_relay::clock::now_ms;
 use postback_relay::store::{
-    now_ms, Acceptance, NewPostback, Outcome, PostgresOptions, PostgresStore, Store,
+    Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
 };
 use sha2::Digest;
 

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 
+use crate::clock::now_ms;
 use crate::delivery::retry::{Next, Verdict};
 use crate::delivery::sink;
 use crate::delivery::Target;
-use crate::store::{now_ms, Job, Outcome};
+use crate::store::{Job, Outcome};
 
 /// Where a dispatcher's attempts go. The relay sends through the target's
 /// own sink; tests put a scripted fake here, so the dispatcher's timing

@@ -44,7 +44,10 @@ impl Claiming {
         match &mut self.task {
             Some(task) => {
                 let answer = task.await.unwrap_or_else(|err| {
-                    Err(StoreError::Database(format!("claim task failed: {err}")))
+                    Err(StoreError::database_from(
+                        format!("claim task failed: {err}"),
+                        err,
+                    ))
                 });
                 self.task = None;
                 self.answer = Some(answer);

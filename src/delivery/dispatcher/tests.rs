@@ -22,7 +22,9 @@ use crate::delivery::retry::{RetryPolicy, Verdict};
 use crate::delivery::sink::{self, FileSink, Sink};
 use crate::delivery::TargetMetrics;
 use crate::metrics::Metrics;
-use crate::store::{AfterCommit, JobId, NewPostback, QuarantineLimits, SqliteOptions, SqliteStore};
+use crate::store::{
+    AfterCommit, JobId, NewPostback, OperatorStore, QuarantineLimits, SqliteOptions, SqliteStore,
+};
 
 const TARGET: &str = "hooks";
 /// Longest a test waits for attempts to start, on the paused clock (the
@@ -117,7 +119,7 @@ impl Endpoint for Fake {
 /// A dispatcher at work on `jobs` queued postbacks.
 struct Running {
     _dir: tempfile::TempDir,
-    store: Arc<dyn Store>,
+    store: Arc<dyn OperatorStore>,
     control: Arc<Control>,
     /// Ingest's way in: hand-overs.
     handover: mpsc::Sender<Job>,
@@ -132,7 +134,7 @@ struct Running {
 /// `jobs` postbacks for it (event-0 first).
 async fn start(jobs: usize, concurrency: usize, paused: bool, fake: Arc<Fake>) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(
+    let store: Arc<dyn OperatorStore> = Arc::new(
         SqliteStore::open(SqliteOptions {
             path: dir.path().join("relay.db"),
             sync: SyncMode::Normal,
@@ -151,7 +153,7 @@ async fn start(jobs: usize, concurrency: usize, paused: bool, fake: Arc<Fake>) -
     let (handover, hot) = mpsc::channel(1);
     let started_at = Instant::now();
     let wiring = Wiring {
-        store: store.clone(),
+        store: store.clone() as Arc<dyn Store>,
         control: control.clone(),
         hot,
         ingest: Arc::new(IngestLoad::default()),
@@ -192,7 +194,11 @@ fn target(dir: &Path, concurrency: usize) -> Target {
 
 /// Commits postback `n` for the target, its job leased until
 /// `leased_until_ms` if given, and waits until the job exists: its id.
-async fn queue(store: &Arc<dyn Store>, n: usize, leased_until_ms: Option<i64>) -> Vec<JobId> {
+async fn queue(
+    store: &Arc<dyn OperatorStore>,
+    n: usize,
+    leased_until_ms: Option<i64>,
+) -> Vec<JobId> {
     let (committed, jobs_exist) = oneshot::channel();
     store
         .accept(
@@ -241,7 +247,7 @@ impl Running {
 /// The store once its dispatcher ended.
 struct Stopped {
     _dir: tempfile::TempDir,
-    store: Arc<dyn Store>,
+    store: Arc<dyn OperatorStore>,
 }
 
 impl Stopped {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::JobId;
+use crate::store::JobId;
 
 /// How often leases that ran out are dropped (their jobs are due again
 /// either way; this only bounds the map).

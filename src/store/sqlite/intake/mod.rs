@@ -44,20 +44,27 @@
 //!   moved) show as a gap before the next one: damage too. The next number
 //!   is above every one seen, damaged segments included.
 
+mod frame;
+mod segments;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension};
 
-use super::{NewPostback, StoreError};
 use crate::config::SyncMode;
+use crate::store::{NewPostback, StoreError};
+
+use self::frame::{decode_all, encode};
+use self::segments::{create_segment, damaged_aside, io_error, segment_path, segments};
+pub(super) use self::segments::{journal_dir, sync_dir};
 
 /// The size segments are written out to beforehand; a segment is closed (and
 /// the next one started) when a record does not fit, so segments covered by
@@ -175,7 +182,7 @@ impl Intake {
         dedupe: Connection,
     ) -> Result<(Intake, Vec<Journaled>, u64), StoreError> {
         let dir = journal_dir(database);
-        std::fs::create_dir_all(&dir).map_err(|err| io_error(&dir, &err))?;
+        std::fs::create_dir_all(&dir).map_err(|err| io_error(&dir, err))?;
         if sync == SyncMode::Full {
             // The journal directory's own name lives in the database's
             // directory: without this fsync a power cut can take a new
@@ -194,7 +201,7 @@ impl Intake {
         // The last segment with records: its place in `closed` and last seq.
         let mut previous: Option<(usize, u64)> = None;
         for (segment, path) in segments(&dir)? {
-            let bytes = std::fs::read(&path).map_err(|err| io_error(&path, &err))?;
+            let bytes = std::fs::read(&path).map_err(|err| io_error(&path, err))?;
             let found = decode_all(&bytes);
             // Sequence numbers run on from one segment to the next (a torn
             // record's is used again): a gap not yet moved into SQLite means
@@ -271,7 +278,7 @@ impl Intake {
     pub fn append(&self, postback: &NewPostback) -> Result<Appended, StoreError> {
         let mut state = self.lock();
         if let Some(reason) = &state.failed {
-            return Err(StoreError::Database(reason.clone()));
+            return Err(StoreError::database(reason.clone()));
         }
         if let Some(duplicate) = self.seen(&state, postback)? {
             return Ok(duplicate);
@@ -291,7 +298,10 @@ impl Intake {
         let len = buffer.len() as u64;
         state.buffer = buffer;
         if let Err(err) = written {
-            return Err(StoreError::Database(format!("intake journal: {err}")));
+            return Err(StoreError::database_from(
+                format!("intake journal: {err}"),
+                err,
+            ));
         }
         state.len += len;
         state.next_seq += 1;
@@ -325,7 +335,7 @@ impl Intake {
                     .query_row([&postback.dedupe_key], |row| Ok((row.get(0)?, row.get(1)?)))
                     .optional()
             })
-            .map_err(super::sqlite::db_error)?;
+            .map_err(super::db_error)?;
         Ok(stored.and_then(|(original_id, at)| {
             (at >= earliest).then_some(Appended::Duplicate {
                 original_id,
@@ -374,14 +384,14 @@ impl Intake {
         let (file, through) = {
             let state = self.lock();
             if let Some(reason) = &state.failed {
-                return Err(StoreError::Database(reason.clone()));
+                return Err(StoreError::database(reason.clone()));
             }
             (state.file.clone(), state.next_seq - 1)
         };
         if let Err(err) = blocking(|| self.sync_file(&file)) {
             let reason = format!("intake journal fdatasync failed: {err}");
             self.lock().failed = Some(reason.clone());
-            return Err(StoreError::Database(reason));
+            return Err(StoreError::database_from(reason, err));
         }
         self.synced.fetch_max(through, Ordering::AcqRel);
         Ok(())
@@ -556,7 +566,7 @@ impl Intake {
             blocking(|| self.sync_file(&file)).map_err(|err| {
                 let reason = format!("intake journal fdatasync failed: {err}");
                 state.failed = Some(reason.clone());
-                StoreError::Database(reason)
+                StoreError::database_from(reason, err)
             })?;
             self.synced.fetch_max(state.next_seq - 1, Ordering::AcqRel);
         }
@@ -604,596 +614,5 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
         _ => work(),
-    }
-}
-
-/// Where the journal of `database` lives.
-pub(super) fn journal_dir(database: &Path) -> PathBuf {
-    let mut name = database.as_os_str().to_owned();
-    name.push(".intake");
-    PathBuf::from(name)
-}
-
-fn segment_path(dir: &Path, segment: u64) -> PathBuf {
-    dir.join(format!("{segment:020}.log"))
-}
-
-/// The journal's segments in order.
-fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|err| io_error(dir, &err))? {
-        let path = entry.map_err(|err| io_error(dir, &err))?.path();
-        let number = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .and_then(|name| name.strip_suffix(".log"))
-            .and_then(|stem| stem.parse::<u64>().ok());
-        if let Some(number) = number {
-            found.push((number, path));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Creates segment `segment`, written out to `prefill` bytes of zeros when
-/// the disk has room for several segments (else, or with 0, it grows as
-/// records come).
-fn create_segment(
-    dir: &Path,
-    segment: u64,
-    sync: SyncMode,
-    prefill: u64,
-) -> Result<File, StoreError> {
-    let path = segment_path(dir, segment);
-    let file = File::options()
-        .create_new(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|err| io_error(&path, &err))?;
-    // Only with room to spare: writing zeros must not be what fills the disk
-    // under the database.
-    let room = rustix::fs::fstatvfs(&file)
-        .map(|stats| stats.f_bavail.saturating_mul(stats.f_frsize))
-        .unwrap_or(0);
-    if prefill > 0 && room >= 4 * prefill {
-        let zeros = vec![0u8; 1024 * 1024];
-        let mut left = prefill;
-        let mut written = Ok(());
-        while left > 0 && written.is_ok() {
-            let chunk = left.min(zeros.len() as u64);
-            written = (&file).write_all(&zeros[..chunk as usize]);
-            left -= chunk;
-        }
-        if let Err(err) = written.and_then(|()| file.sync_all()) {
-            tracing::debug!(segment = %path.display(), error = %err,
-                "intake segment not written out beforehand; it grows instead");
-            file.set_len(0).map_err(|err| io_error(&path, &err))?;
-        }
-    }
-    if sync == SyncMode::Full {
-        // The new name must survive a power cut before records in it count.
-        sync_dir(dir)?;
-    }
-    Ok(file)
-}
-
-/// fsyncs a directory: what makes the names created in it durable.
-pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|err| io_error(dir, &err))
-}
-
-/// How many damaged segments earlier starts kept aside in `dir`.
-fn damaged_aside(dir: &Path) -> Result<u64, StoreError> {
-    let mut count = 0;
-    for entry in std::fs::read_dir(dir).map_err(|err| io_error(dir, &err))? {
-        let entry = entry.map_err(|err| io_error(dir, &err))?;
-        if entry.file_name().to_string_lossy().contains(DAMAGED) {
-            count += 1;
-        }
-    }
-    Ok(count)
-}
-
-fn io_error(path: &Path, err: &std::io::Error) -> StoreError {
-    StoreError::Database(format!("intake journal {}: {err}", path.display()))
-}
-
-/// Frames one record into `out`: length, CRC-32, then the fields.
-fn encode(seq: u64, postback: &NewPostback, out: &mut Vec<u8>) {
-    out.clear();
-    out.extend_from_slice(&[0; FRAME_HEADER]);
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&postback.received_at_ms.to_le_bytes());
-    for field in [
-        postback.id.as_bytes(),
-        postback.dedupe_key.as_bytes(),
-        &postback.envelope,
-        &postback.raw_body,
-    ] {
-        put(out, field);
-    }
-    match &postback.content_type {
-        None => out.push(0),
-        Some(content_type) => {
-            out.push(1);
-            put(out, content_type.as_bytes());
-        }
-    }
-    out.extend_from_slice(&(postback.targets.len() as u32).to_le_bytes());
-    for target in &postback.targets {
-        put(out, target.as_bytes());
-    }
-    let payload_len = (out.len() - FRAME_HEADER) as u32;
-    let crc = crc32fast::hash(&out[FRAME_HEADER..]);
-    out[..4].copy_from_slice(&payload_len.to_le_bytes());
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
-}
-
-fn put(out: &mut Vec<u8>, field: &[u8]) {
-    out.extend_from_slice(&(field.len() as u32).to_le_bytes());
-    out.extend_from_slice(field);
-}
-
-/// What recovery finds in a segment.
-#[derive(Default)]
-struct Decoded {
-    /// Every valid record, in order.
-    records: Vec<Journaled>,
-    /// It ends in a bad frame with nothing valid after it: a record torn by
-    /// a crash mid-write, never acknowledged.
-    torn: bool,
-    /// Damage with valid records after it: the sequence numbers missing
-    /// between the records on either side, and the bytes stepped over.
-    skipped_records: u64,
-    skipped_bytes: u64,
-}
-
-/// Reads a segment's records. A zero length ends them (a written-out
-/// segment); a bad frame is either a torn tail or damage, told apart by
-/// whether a valid frame with a later sequence number follows it anywhere:
-/// recovery then resumes there.
-fn decode_all(bytes: &[u8]) -> Decoded {
-    let mut decoded = Decoded::default();
-    let mut at = 0;
-    let mut last_seq = 0;
-    while at < bytes.len() {
-        let end_mark = bytes[at..].iter().take(4).all(|byte| *byte == 0);
-        if !end_mark {
-            if let Some((record, used)) = decode_one(&bytes[at..]).filter(|(r, _)| r.seq > last_seq)
-            {
-                last_seq = record.seq;
-                decoded.records.push(record);
-                at += used;
-                continue;
-            }
-        }
-        match resync(bytes, at + 1, last_seq) {
-            Some((next, seq)) => {
-                decoded.skipped_bytes += (next - at) as u64;
-                if last_seq > 0 {
-                    decoded.skipped_records += seq - last_seq - 1;
-                }
-                at = next;
-            }
-            None => {
-                decoded.torn = !end_mark;
-                break;
-            }
-        }
-    }
-    decoded
-}
-
-/// The first offset from `from` where a whole, valid record with a sequence
-/// number above `after` starts, and that number. Zeros (the written-out rest
-/// of a segment) are stepped over a word at a time.
-fn resync(bytes: &[u8], from: usize, after: u64) -> Option<(usize, u64)> {
-    let mut at = from;
-    while at + FRAME_HEADER < bytes.len() {
-        if bytes[at] == 0 && bytes[at..].iter().take(8).all(|byte| *byte == 0) {
-            // A frame starts with a non-zero length: none starts in the
-            // first five of eight zeros.
-            at += 5;
-            continue;
-        }
-        if let Some((record, _)) = decode_one(&bytes[at..]) {
-            if record.seq > after {
-                return Some((at, record.seq));
-            }
-        }
-        at += 1;
-    }
-    None
-}
-
-/// The record framed at the start of `bytes`, and the frame's length.
-fn decode_one(bytes: &[u8]) -> Option<(Journaled, usize)> {
-    let mut frame = Cursor(bytes);
-    let len = frame.u32()? as usize;
-    let crc = frame.u32()?;
-    let payload = frame.take(len)?;
-    if crc32fast::hash(payload) != crc {
-        return None;
-    }
-    let mut fields = Cursor(payload);
-    let seq = u64::from_le_bytes(fields.take(8)?.try_into().ok()?);
-    let received_at_ms = i64::from_le_bytes(fields.take(8)?.try_into().ok()?);
-    let id = fields.string()?;
-    let dedupe_key = fields.string()?;
-    let envelope = Bytes::copy_from_slice(fields.field()?);
-    let raw_body = Bytes::copy_from_slice(fields.field()?);
-    let content_type = match fields.take(1)? {
-        [0] => None,
-        _ => Some(fields.string()?),
-    };
-    let count = fields.u32()?;
-    let targets = (0..count)
-        .map(|_| fields.string())
-        .collect::<Option<Vec<_>>>()?;
-    let record = Journaled {
-        seq,
-        postback: NewPostback {
-            id,
-            dedupe_key,
-            received_at_ms,
-            envelope,
-            raw_body,
-            content_type,
-            targets,
-            // Not journaled: jobs moved at start-up are claimed, and a
-            // claim reads it from the envelope.
-            tracking_id: None,
-        },
-    };
-    Some((record, FRAME_HEADER + len))
-}
-
-/// Reads a record's fields in order.
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-
-    fn field(&mut self) -> Option<&'a [u8]> {
-        let len = self.u32()? as usize;
-        self.take(len)
-    }
-
-    fn string(&mut self) -> Option<String> {
-        String::from_utf8(self.field()?.to_vec()).ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn postback(id: &str, content_type: Option<&str>, targets: &[&str]) -> NewPostback {
-        NewPostback {
-            id: id.into(),
-            dedupe_key: format!("MMS_MO|N401|{id}"),
-            received_at_ms: 1_700_000_000_123,
-            envelope: Bytes::from_static(b"{\"specversion\":\"1.0\"}"),
-            raw_body: Bytes::from_static(b"<postback/>"),
-            content_type: content_type.map(str::to_owned),
-            targets: targets.iter().map(|t| (*t).to_owned()).collect(),
-            tracking_id: None,
-        }
-    }
-
-    #[test]
-    fn records_read_back_as_written_and_a_torn_tail_is_dropped() {
-        let mut segment = Vec::new();
-        let mut buffer = Vec::new();
-        let written = [
-            postback("a", Some("text/xml"), &["crm", "archive"]),
-            postback("b", None, &[]),
-        ];
-        for (seq, record) in written.iter().enumerate() {
-            encode(seq as u64 + 7, record, &mut buffer);
-            segment.extend_from_slice(&buffer);
-        }
-        let whole = segment.len();
-        encode(9, &postback("c", None, &["crm"]), &mut buffer);
-        segment.extend_from_slice(&buffer[..buffer.len() - 3]);
-
-        let decoded = decode_all(&segment);
-        assert!(decoded.torn);
-        assert_eq!(decoded.skipped_bytes, 0, "a torn tail is not damage");
-        let read = decoded.records;
-        assert_eq!(read.len(), 2);
-        for (record, (seq, original)) in read.iter().zip([(7, &written[0]), (8, &written[1])]) {
-            assert_eq!(record.seq, seq);
-            let got = &record.postback;
-            assert_eq!(got.id, original.id);
-            assert_eq!(got.dedupe_key, original.dedupe_key);
-            assert_eq!(got.received_at_ms, original.received_at_ms);
-            assert_eq!(got.envelope, original.envelope);
-            assert_eq!(got.raw_body, original.raw_body);
-            assert_eq!(got.content_type, original.content_type);
-            assert_eq!(got.targets, original.targets);
-        }
-        assert!(!decode_all(&segment[..whole]).torn);
-        // Zeros after the last record (a written-out segment) end it cleanly.
-        let mut written_out = segment[..whole].to_vec();
-        written_out.extend_from_slice(&[0; 4096]);
-        let decoded = decode_all(&written_out);
-        assert_eq!((decoded.records.len(), decoded.torn), (2, false));
-        assert_eq!(decoded.skipped_bytes, 0);
-        // A torn last record in a written-out segment is still only torn.
-        let mut torn_out = segment.clone();
-        torn_out.extend_from_slice(&[0; 4096]);
-        let decoded = decode_all(&torn_out);
-        assert_eq!(
-            (decoded.records.len(), decoded.torn, decoded.skipped_bytes),
-            (2, true, 0)
-        );
-    }
-
-    /// `count` records (sequence numbers 1…) framed one after the other,
-    /// followed by zeros as in a written-out segment; and where each starts.
-    fn segment_of(count: u64) -> (Vec<u8>, Vec<usize>) {
-        let (mut segment, mut starts, mut buffer) = (Vec::new(), Vec::new(), Vec::new());
-        for seq in 1..=count {
-            encode(
-                seq,
-                &postback(&format!("p{seq}"), None, &["crm"]),
-                &mut buffer,
-            );
-            starts.push(segment.len());
-            segment.extend_from_slice(&buffer);
-        }
-        segment.extend_from_slice(&[0; 64 * 1024]);
-        (segment, starts)
-    }
-
-    fn ids(records: &[Journaled]) -> Vec<&str> {
-        records.iter().map(|r| r.postback.id.as_str()).collect()
-    }
-
-    #[test]
-    fn damage_in_the_middle_is_stepped_over_to_the_next_valid_record() {
-        // A flipped bit in the second of five records.
-        let (mut segment, starts) = segment_of(5);
-        segment[starts[1] + 20] ^= 0x40;
-        let decoded = decode_all(&segment);
-        assert_eq!(ids(&decoded.records), ["p1", "p3", "p4", "p5"]);
-        assert!(!decoded.torn);
-        assert_eq!(decoded.skipped_records, 1);
-        assert_eq!(decoded.skipped_bytes, (starts[2] - starts[1]) as u64);
-
-        // A zeroed block over the second and third records' starts: the
-        // zeros look like the end of the records, but valid ones follow.
-        let (mut segment, starts) = segment_of(5);
-        segment[starts[1]..starts[2] + 10].fill(0);
-        let decoded = decode_all(&segment);
-        assert_eq!(ids(&decoded.records), ["p1", "p4", "p5"]);
-        assert_eq!((decoded.skipped_records, decoded.torn), (2, false));
-
-        // A bad length in the first record.
-        let (mut segment, starts) = segment_of(3);
-        segment[starts[0] + 1] ^= 0x01;
-        let decoded = decode_all(&segment);
-        assert_eq!(ids(&decoded.records), ["p2", "p3"]);
-        assert!(decoded.skipped_bytes > 0);
-    }
-
-    #[test]
-    fn a_flipped_bit_in_the_last_record_is_a_torn_tail() {
-        let (mut segment, starts) = segment_of(2);
-        segment[starts[1] + 20] ^= 0x40;
-        let decoded = decode_all(&segment);
-        assert_eq!(ids(&decoded.records), ["p1"]);
-        assert!(decoded.torn);
-        assert_eq!(decoded.skipped_bytes, 0);
-    }
-
-    /// A database with the dedupe table the journal reads.
-    fn dedupe_db(dir: &Path) -> PathBuf {
-        let database = dir.join("relay.db");
-        Connection::open(&database)
-            .unwrap()
-            .execute_batch(
-                "CREATE TABLE dedupe (key TEXT PRIMARY KEY, event_id TEXT NOT NULL, accepted_at INTEGER NOT NULL)",
-            )
-            .unwrap();
-        database
-    }
-
-    fn open_intake(database: &Path, moved_through: u64) -> (Intake, Vec<Journaled>, u64) {
-        let dedupe = Connection::open(database).unwrap();
-        match Intake::open(database, SyncMode::Normal, 60_000, moved_through, dedupe) {
-            Ok(opened) => opened,
-            Err(err) => panic!("open: {err}"),
-        }
-    }
-
-    fn appended(intake: &Intake, postback: &NewPostback) -> u64 {
-        match intake.append(postback) {
-            Ok(Appended::New(seq)) => seq,
-            other => panic!("append {}: {other:?}", postback.id),
-        }
-    }
-
-    #[test]
-    fn recovery_keeps_the_records_after_damage_and_sets_the_segment_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let database = dedupe_db(dir.path());
-        let (intake, records, _) = open_intake(&database, 0);
-        assert!(records.is_empty());
-        for n in 1..=5 {
-            assert_eq!(appended(&intake, &postback(&format!("p{n}"), None, &[])), n);
-        }
-        drop(intake); // a crash: the segment stays
-        let journal = journal_dir(&database);
-        let (segment, path) = segments(&journal).unwrap().remove(0);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let mut buffer = Vec::new();
-        encode(1, &postback("p1", None, &[]), &mut buffer);
-        bytes[buffer.len() + 30] ^= 0x08; // inside the second record
-        std::fs::write(&path, &bytes).unwrap();
-
-        let (intake, records, last) = open_intake(&database, 0);
-        assert_eq!(ids(&records), ["p1", "p3", "p4", "p5"]);
-        assert_eq!(last, 5);
-        // The records are moved into SQLite, then the segment goes: aside.
-        intake.forget_through(last);
-        assert!(!path.exists(), "no longer read as a segment");
-        let aside: Vec<String> = std::fs::read_dir(&journal)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|name| name.contains(".damaged-"))
-            .collect();
-        assert_eq!(aside.len(), 1, "{aside:?}");
-        assert!(aside[0].starts_with(&format!("{segment:020}.log.damaged-")));
-        assert_eq!(intake.damaged_segments(), 1);
-        // No sequence number is used twice.
-        assert_eq!(appended(&intake, &postback("p6", None, &[])), 6);
-        drop(intake);
-
-        // The next start recovers only the new record, and still counts the
-        // segment kept aside.
-        let (intake, records, last) = open_intake(&database, 5);
-        assert_eq!((ids(&records), last), (vec!["p6"], 6));
-        assert_eq!(intake.damaged_segments(), 1);
-    }
-
-    #[test]
-    fn records_missing_at_the_end_of_a_segment_are_damage_when_later_ones_follow() {
-        let dir = tempfile::tempdir().unwrap();
-        let database = dedupe_db(dir.path());
-        let (mut intake, _, _) = open_intake(&database, 0);
-        intake.segment_bytes = 1024;
-        let mut record = postback("p", None, &[]);
-        record.raw_body = Bytes::from(vec![b'x'; 400]);
-        for n in 1..=4 {
-            record.id = format!("p{n}");
-            record.dedupe_key = record.id.clone();
-            appended(&intake, &record);
-        }
-        drop(intake);
-        let journal = journal_dir(&database);
-        let found = segments(&journal).unwrap();
-        assert_eq!(found.len(), 2, "two records a segment");
-        // The first segment's second record is zeroed out: it reads as a
-        // clean end, but the next segment starts at 3.
-        let mut bytes = std::fs::read(&found[0].1).unwrap();
-        let mut buffer = Vec::new();
-        encode(1, &record, &mut buffer);
-        bytes[buffer.len()..].fill(0);
-        std::fs::write(&found[0].1, &bytes).unwrap();
-
-        let (intake, records, last) = open_intake(&database, 0);
-        assert_eq!((ids(&records), last), (vec!["p1", "p3", "p4"], 4));
-        intake.forget_through(last);
-        assert!(!found[0].1.exists() && !found[1].1.exists());
-        assert_eq!(intake.damaged_segments(), 1, "the first one, kept aside");
-        drop(intake);
-
-        // Records already moved into SQLite are not missing: a torn tail
-        // before a segment that starts after them is no damage.
-        let dir = tempfile::tempdir().unwrap();
-        let database = dedupe_db(dir.path());
-        let (mut intake, _, _) = open_intake(&database, 0);
-        intake.segment_bytes = 1024;
-        for n in 1..=4 {
-            record.id = format!("p{n}");
-            record.dedupe_key = record.id.clone();
-            appended(&intake, &record);
-        }
-        drop(intake);
-        let found = segments(&journal_dir(&database)).unwrap();
-        std::fs::write(&found[0].1, &bytes).unwrap();
-        let (intake, records, _) = open_intake(&database, 2);
-        assert_eq!(ids(&records), ["p3", "p4"]);
-        intake.forget_through(4);
-        assert_eq!(intake.damaged_segments(), 0);
-    }
-
-    #[test]
-    fn a_torn_tail_is_dropped_and_its_segment_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let database = dedupe_db(dir.path());
-        let (intake, _, _) = open_intake(&database, 0);
-        for n in 1..=3 {
-            appended(&intake, &postback(&format!("p{n}"), None, &[]));
-        }
-        drop(intake);
-        let (_, path) = segments(&journal_dir(&database)).unwrap().remove(0);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let end = bytes.iter().rposition(|byte| *byte != 0).unwrap();
-        bytes[end - 5] ^= 0x10; // inside the last record
-        std::fs::write(&path, &bytes).unwrap();
-
-        let (intake, records, last) = open_intake(&database, 0);
-        assert_eq!((ids(&records), last), (vec!["p1", "p2"], 2));
-        intake.forget_through(last);
-        assert!(!path.exists());
-        assert_eq!(intake.damaged_segments(), 0);
-        let left: Vec<_> = std::fs::read_dir(journal_dir(&database))
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name())
-            .collect();
-        assert_eq!(left.len(), 1, "only the new segment: {left:?}");
-    }
-
-    #[test]
-    fn rotations_never_collide_with_the_spare_being_written_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let database = dedupe_db(dir.path());
-        let (mut intake, _, _) = open_intake(&database, 0);
-        // Small segments: a rotation every few records.
-        intake.segment_bytes = 64 * 1024;
-        let intake = Arc::new(intake);
-        let done = Arc::new(AtomicBool::new(false));
-        let spare = {
-            let (intake, done) = (intake.clone(), done.clone());
-            std::thread::spawn(move || {
-                while !done.load(Ordering::Relaxed) {
-                    intake.prepare_spare();
-                }
-            })
-        };
-        let writers: Vec<_> = (0..4)
-            .map(|writer| {
-                let intake = intake.clone();
-                std::thread::spawn(move || {
-                    let mut failures = Vec::new();
-                    for n in 0..150 {
-                        let mut record = postback(&format!("w{writer}-{n}"), None, &[]);
-                        record.raw_body = Bytes::from(vec![b'x'; 20 * 1024]);
-                        if let Err(err) = intake.append(&record) {
-                            failures.push(err.to_string());
-                        }
-                    }
-                    failures
-                })
-            })
-            .collect();
-        let failures: Vec<String> = writers
-            .into_iter()
-            .flat_map(|writer| writer.join().unwrap())
-            .collect();
-        done.store(true, Ordering::Relaxed);
-        spare.join().unwrap();
-        assert_eq!(failures, Vec::<String>::new());
-        drop(intake);
-        let (_, records, last) = open_intake(&database, 0);
-        assert_eq!((records.len(), last), (600, 600), "every record recovered");
     }
 }
