@@ -15,8 +15,9 @@ import sys
 LAYERS = [
     ("leaves", ["clock", "load", "logging", "live", "watch", "proxy_protocol", "tls", "postback", "envelope", "signing"]),
     ("configuration", ["config"]),
-    ("edge", ["routing", "metrics", "access", "http_server"]),
+    ("rules", ["routing", "access"]),
     ("storage", ["store"]),
+    ("serving", ["metrics", "http_server"]),
     ("delivery", ["delivery"]),
     ("intake", ["ingest", "quarantine"]),
     ("operator interface", ["admin"]),
