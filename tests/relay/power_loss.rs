@@ -1,6 +1,6 @@
 //! Power loss under load: "200 means on disk" with `store.sync: full`.
 //!
-//! `process.rs` kills the relay, but a SIGKILL leaves the kernel's page cache
+//! `process/` kills the relay, but a SIGKILL leaves the kernel's page cache
 //! intact: it cannot tell an fsync'd postback from one that is only written.
 //! Here the real binary keeps its store on `lossyfs` (tests/lossyfs), a FUSE
 //! file system that loses every byte, size change and directory entry that no
