@@ -1,26 +1,11 @@
 //! A relay started in this process on ephemeral loopback ports, on this
 //! binary's backend, and restarted on the same store.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use postback_relay::config::Config;
 use postback_relay::relay::{self, RelayHandle};
-use serde_json::Value;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use super::*;
 

@@ -18,30 +18,20 @@ mod tmpfs;
 
 pub use hung::HungListener;
 pub use in_process::{config_yaml, start_relay, start_relay_in, TestRelay};
-pub use sink::{dead_addr, DeadPort, Received, Reply, Sink};
-pub use store::{backend, skip_unless, Backend, TestStore};
+pub use sink::{dead_addr, Received, Reply, Sink};
+pub use store::{skip_unless, Backend, TestStore};
 pub use tmpfs::Tmpfs;
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::Request;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use postback_relay::config::Config;
-use postback_relay::relay::{self, RelayHandle};
+use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 /// The seed MMS MO example from Sinch's documentation, verbatim.
 pub const SEED_XML: &str = include_str!("../../fixtures/seed-mo.xml");

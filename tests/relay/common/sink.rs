@@ -3,9 +3,7 @@
 //! connections until a sink opens it.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,16 +12,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use postback_relay::config::Config;
-use postback_relay::relay::{self, RelayHandle};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{eventually, get};
+use super::eventually;
 
 /// What a sink received.
 #[derive(Debug, Clone)]

@@ -1,28 +1,10 @@
 //! The backend the tests run on and where a test relay keeps its state:
 //! a temporary directory and, with PostgreSQL, a database of its own.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use postback_relay::config::Config;
-use postback_relay::relay::{self, RelayHandle};
-use serde_json::Value;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-use super::{pg, query_db, query_int, single_int};
+use super::{pg, query_db, single_int};
 
 /// The store backend the tests run against: SQLite, unless
 /// `RELAY_TEST_BACKEND=postgres` says otherwise (`.ci/run` runs the

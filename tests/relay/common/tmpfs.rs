@@ -1,26 +1,6 @@
 //! A small tmpfs for a disk that fills up.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use postback_relay::config::Config;
-use postback_relay::relay::{self, RelayHandle};
-use serde_json::Value;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
+use std::path::Path;
 
 /// A small tmpfs mounted on a fresh temporary directory, for a disk that
 /// fills up; unmounted when dropped, also when the test panics. Mounting needs

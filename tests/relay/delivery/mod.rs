@@ -3,16 +3,10 @@
 //! short so retries happen within a test; every wait is bounded. Runs on
 //! SQLite, and on PostgreSQL with `RELAY_TEST_BACKEND=postgres`.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::common::*;
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use hmac::{Hmac, KeyInit, Mac};
 use rusqlite::types::Value as Sql;
-use serde_json::Value;
-use sha2::Sha256;
 
 mod retries;
 mod routing;

@@ -2,18 +2,13 @@
 //! timeouts, final client errors and exhausted attempts becoming dead letters,
 //! and pending deliveries surviving a restart.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::common::*;
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use hmac::{Hmac, KeyInit, Mac};
 use rusqlite::types::Value as Sql;
-use serde_json::Value;
-use sha2::Sha256;
 
-use super::{DELIVERY, SECRET, WAIT, accept, dead_letters, eventually_int, int, metric, subject};
+use super::{accept, dead_letters, eventually_int, int, metric, subject, DELIVERY, SECRET, WAIT};
 
 // 3. 500, 500, 200: one success, three attempts, one id.
 #[tokio::test]

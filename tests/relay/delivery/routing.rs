@@ -5,14 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::common::*;
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use hmac::{Hmac, KeyInit, Mac};
-use rusqlite::types::Value as Sql;
-use serde_json::Value;
-use sha2::Sha256;
 
-use super::{DELIVERY, WAIT, accept, dead_letters, eventually_int, int, metric, subject};
+use super::{accept, dead_letters, eventually_int, int, metric, subject, DELIVERY, WAIT};
 
 /// An MT delivery receipt (no keyword, no `to`).
 fn mt_xml(tracking_id: &str, code: &str) -> String {

@@ -1,18 +1,14 @@
 //! What each kind of target receives: signed requests with custom headers,
 //! the original bytes for raw targets, and whole lines for file targets.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
-
 use crate::common::*;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
-use rusqlite::types::Value as Sql;
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::{DELIVERY, SECRET, WAIT, accept, eventually_int, metric, text};
+use super::{accept, eventually_int, DELIVERY, SECRET, WAIT};
 
 /// Standard Webhooks verification written from the spec, independent of the
 /// crate's signer: HMAC-SHA256 over "{id}.{timestamp}.{body}" with the

@@ -1,12 +1,11 @@
 //! A full disk: the relay answers 503 and recovers by itself.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::common::process::*;
 use crate::common::*;
 
-use super::{LIMIT, latency_summary, post_serially};
+use super::{latency_summary, post_serially, LIMIT};
 
 /// The status of `/readyz` on a relay process.
 async fn readyz(relay: &RelayProcess) -> u16 {

@@ -14,7 +14,7 @@
 //! load senders).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::process::*;
 use crate::common::*;

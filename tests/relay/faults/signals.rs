@@ -1,13 +1,12 @@
 //! The relay killed or stopped under load: repeated SIGKILL, postbacks only
 //! in the intake journal, and SIGTERM all lose nothing acknowledged.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::common::process::*;
 use crate::common::*;
 
-use super::{LIMIT, duplicates, post_serially};
+use super::{duplicates, post_serially, LIMIT};
 
 // ---------------------------------------------------------------------------
 // 1. Repeated SIGKILL under sustained load, fan-out to two targets

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::common::process::*;
 use crate::common::*;
 
-use super::{LIMIT, duplicates, latency_summary, percentile, post_serially};
+use super::{duplicates, latency_summary, percentile, post_serially, LIMIT};
 
 // ---------------------------------------------------------------------------
 // 2. A target down for a while, then back

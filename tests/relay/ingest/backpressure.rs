@@ -2,24 +2,13 @@
 //! journal, and a stalled writer holds a bounded number of bytes and refuses
 //! the rest at once.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
-use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rusqlite::types::Value as Sql;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use serde_json::json;
 
 use crate::common::*;
 
-use super::{accepted, assert_error_body, count, send, sql_bytes};
+use super::{assert_error_body, count, send, sql_bytes};
 
 // ---------------------------------------------------------------------------
 // 7. 503 when the store cannot commit

@@ -1,24 +1,12 @@
 //! Deduplication: a retried or concurrent copy of a postback is acknowledged
 //! and delivered once, by tracking id or, without one, by body hash.
 
-use std::sync::LazyLock;
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
-use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rusqlite::types::Value as Sql;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::common::*;
 
-use super::{QUIET, WAIT, accepted, archive_to, count, delivered, mo_json};
+use super::{archive_to, count, delivered, mo_json, QUIET, WAIT};
 
 // ---------------------------------------------------------------------------
 // 4. Dedupe

@@ -2,24 +2,13 @@
 //! types, spellings, prologs, numbers, timestamps) and each kind of postback,
 //! checked against the envelope schema as delivered.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
-use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rusqlite::types::Value as Sql;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::common::*;
 
-use super::{ENVELOPE_SCHEMA, accepted, archive_to, assert_valid_envelope, delivered, mo_json};
+use super::{accepted, archive_to, assert_valid_envelope, mo_json, ENVELOPE_SCHEMA};
 
 // ---------------------------------------------------------------------------
 // 1. The seed examples

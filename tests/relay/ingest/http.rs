@@ -1,24 +1,17 @@
 //! The HTTP surface: methods and paths, body size limits, a stalled body,
 //! keep-alive connections and HTTP/2 clients.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
-use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rusqlite::types::Value as Sql;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::*;
 
-use super::{SMALL_LIMIT, WAIT, accepted, archive_to, assert_error_body, count, delivered, mo_json, oversized_postback, send};
+use super::{
+    archive_to, assert_error_body, count, delivered, mo_json, oversized_postback, send,
+    SMALL_LIMIT, WAIT,
+};
 
 fn ingest_addr(relay: &TestRelay) -> std::net::SocketAddr {
     relay.handle.as_ref().expect("relay running").ingest_addr

@@ -1,24 +1,12 @@
 //! Malformed bodies: answered 400 with the problem named, quarantined once
 //! within the quarantine's budget and retention, quoted only in short.
 
-use std::sync::LazyLock;
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
-use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rusqlite::types::Value as Sql;
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::common::*;
 
-use super::{QUIET, WAIT, archive_to, assert_error_body, count, delivered, send, sql_bytes, sql_int};
+use super::{archive_to, assert_error_body, count, send, sql_bytes, sql_int, QUIET, WAIT};
 
 fn sql_text(value: &Sql) -> &str {
     match value {

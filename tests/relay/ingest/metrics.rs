@@ -1,23 +1,8 @@
 //! The ingest metrics count postbacks by format and outcome.
 
-use std::sync::LazyLock;
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
-use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rusqlite::types::Value as Sql;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use crate::common::*;
 
-use super::{SMALL_LIMIT, accepted, mo_json, oversized_postback};
+use super::{mo_json, oversized_postback, SMALL_LIMIT};
 
 // ---------------------------------------------------------------------------
 // 10. Metrics

@@ -3,21 +3,13 @@
 //! once is delivered once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::pg::{Cluster, TestDatabase};
+use crate::common::pg::TestDatabase;
 use crate::common::process::*;
 use crate::common::*;
-use bytes::Bytes;
-use postback_relay::clock::now_ms;
-use postback_relay::store::{
-    Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
-};
-use sha2::Digest;
 
-use super::{DELIVERY, counts, deliveries, duplicates, instance_config, spawn_all, write};
+use super::{counts, deliveries, duplicates, instance_config, spawn_all, write, DELIVERY};
 
 // ---------------------------------------------------------------------------
 // Three instances, one killed

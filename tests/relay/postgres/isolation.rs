@@ -2,21 +2,14 @@
 //! commit racing a retry, a stalled server, and the server's flush setting.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::common::pg::{Cluster, TestDatabase};
+use crate::common::pg::TestDatabase;
 use crate::common::process::*;
 use crate::common::*;
-use bytes::Bytes;
-use postback_relay::clock::now_ms;
-use postback_relay::store::{
-    Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
-};
 use sha2::Digest;
 
-use super::{DELIVERY, counts, deliveries, postback, readyz};
+use super::{counts, deliveries, readyz, DELIVERY};
 
 // ---------------------------------------------------------------------------
 // One postback's trouble stays its own (a refused row, a failed commit, a

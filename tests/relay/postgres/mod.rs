@@ -8,20 +8,14 @@
 //! restart test runs its own throwaway cluster (initdb and pg_ctl, as the
 //! `postgres` OS user when run as root) on a random port.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::common::pg::{Cluster, TestDatabase};
 use crate::common::process::*;
 use crate::common::*;
 use bytes::Bytes;
 use postback_relay::clock::now_ms;
-use postback_relay::store::{
-    Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
-};
-use sha2::Digest;
+use postback_relay::store::NewPostback;
 
 mod instances;
 mod isolation;

@@ -1,7 +1,7 @@
 //! The PostgreSQL server stopped and started under load: the relay answers
 //! 503 meanwhile and loses nothing acknowledged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,14 +9,8 @@ use std::time::{Duration, Instant};
 use crate::common::pg::{Cluster, TestDatabase};
 use crate::common::process::*;
 use crate::common::*;
-use bytes::Bytes;
-use postback_relay::clock::now_ms;
-use postback_relay::store::{
-    Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
-};
-use sha2::Digest;
 
-use super::{DELIVERY, deliveries, duplicates, instance_config, readyz, spawn_all, write};
+use super::{duplicates, instance_config, readyz, spawn_all, write, DELIVERY};
 
 // ---------------------------------------------------------------------------
 // PostgreSQL stopped and started under load

@@ -2,22 +2,17 @@
 //! instance, an unreachable database at start, and a pause seen by all
 //! instances.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::pg::{Cluster, TestDatabase};
+use crate::common::pg::TestDatabase;
 use crate::common::process::*;
 use crate::common::*;
 use bytes::Bytes;
-use postback_relay::clock::now_ms;
 use postback_relay::store::{
-    Acceptance, NewPostback, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
+    Acceptance, OperatorStore, Outcome, PostgresOptions, PostgresStore, Store,
 };
-use sha2::Digest;
 
-use super::{DELIVERY, instance_config, postback, write};
+use super::{instance_config, postback, write, DELIVERY};
 
 // ---------------------------------------------------------------------------
 // The store itself

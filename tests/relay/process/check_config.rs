@@ -1,16 +1,10 @@
 //! `check-config`: good files pass, bad ones are refused naming the culprit
 //! and every problem at once, and the Kubernetes config maps are valid.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::time::Duration;
 
 use crate::common::process::*;
 use crate::common::*;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
-use serde_json::Value;
-
 
 #[test]
 fn check_config_accepts_good_files_and_names_the_culprit_in_bad_ones() {

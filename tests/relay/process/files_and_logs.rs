@@ -1,7 +1,7 @@
 //! What the running binary leaves behind: private files and JSON logs of one
 //! object per line.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
 
@@ -10,7 +10,6 @@ use crate::common::*;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
-
 
 /// The store and the file target hold phone numbers and message texts: the
 /// relay creates them readable by its own user only, whatever its umask.

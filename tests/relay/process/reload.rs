@@ -1,16 +1,10 @@
 //! Reloading a running relay: SIGHUP reloads the TLS certificate and the
 //! routes (refusing a broken file), and a watched file reloads on change.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::time::Duration;
 
 use crate::common::process::*;
 use crate::common::*;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
-use serde_json::Value;
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_tls_certificate() {

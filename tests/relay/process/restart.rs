@@ -3,15 +3,10 @@
 //! letters.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::time::Duration;
 
 use crate::common::process::*;
 use crate::common::*;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
-use serde_json::Value;
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_postbacks_survive_sigkill() {
