@@ -3,7 +3,7 @@
 //! binary for crash tests, a real PostgreSQL server where one is concerned).
 //!
 //! The store-backed modules run on SQLite by default and on PostgreSQL when
-//! `RELAY_TEST_BACKEND=postgres` says so (see [`common::backend`]); `.ci/run`
+//! `RELAY_TEST_BACKEND=postgres` says so (see `common/store.rs`); `.ci/run`
 //! runs them both ways. `postgres` (several instances on one database) and
 //! `power_loss` (a FUSE file system that forgets what was not synced) always
 //! run against their own backend.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use postback_relay::config::Config;
 use postback_relay::relay::{self, RelayHandle};
 
-use super::*;
+use super::{eventually, get, metric_value, TestStore};
 
 /// A relay running in this process.
 pub struct TestRelay {
