@@ -15,10 +15,11 @@ import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCES = [
-    "tests/ingest.rs",
-    "tests/delivery.rs",
-    "tests/common/mod.rs",
+SOURCES = sorted(
+    path.relative_to(ROOT).as_posix()
+    for folder in ("tests/relay/ingest", "tests/relay/delivery", "tests/relay/common")
+    for path in (ROOT / folder).glob("*.rs")
+) + [
     "src/postback/mod.rs",
     "src/postback/xml.rs",
     "src/postback/json.rs",
