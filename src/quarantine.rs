@@ -11,8 +11,11 @@ use crate::postback;
 use crate::routing::Router;
 use crate::store::{Acceptance, Committer, OperatorStore, QuarantinedBody, StoreError};
 
-/// What replaying one body did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What replaying one body did; the admin API reports it as it is (under
+/// `outcome`, see `admin::model::ReplayOutcome`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+#[schema(as = ReplayOutcome)]
 pub enum Replayed {
     /// Parsed and committed under a new envelope id.
     Accepted {

@@ -24,7 +24,7 @@ use super::Admin;
 use crate::clock::now_ms;
 use crate::delivery::fleet::PauseError;
 use crate::http_server::{json_response, HttpResponse};
-use crate::quarantine::{replay_body, Replayed};
+use crate::quarantine::replay_body;
 use crate::store::{DeadLetterId, NO_ROUTE_TARGET};
 
 /// Largest request body (a selection of ids or hashes).
@@ -359,24 +359,12 @@ async fn replay_quarantine(admin: &Admin, body: Value) -> Result<QuarantineRepla
                 &body,
             )
             .await?;
-            let outcome = match outcome {
-                Replayed::Accepted { id, targets } => {
-                    accepted += 1;
-                    ReplayOutcome::Accepted { id, targets }
-                }
-                Replayed::Duplicate { original_id } => {
-                    duplicate += 1;
-                    ReplayOutcome::Duplicate { original_id }
-                }
-                Replayed::StillInvalid { error } => {
-                    still_invalid += 1;
-                    ReplayOutcome::StillInvalid { error }
-                }
-                Replayed::Truncated { error } => {
-                    truncated += 1;
-                    ReplayOutcome::Truncated { error }
-                }
-            };
+            *match &outcome {
+                ReplayOutcome::Accepted { .. } => &mut accepted,
+                ReplayOutcome::Duplicate { .. } => &mut duplicate,
+                ReplayOutcome::StillInvalid { .. } => &mut still_invalid,
+                ReplayOutcome::Truncated { .. } => &mut truncated,
+            } += 1;
             if results.len() < MAX_RESULTS {
                 results.push(BodyReplay {
                     body_hash: body.body_hash,

@@ -280,33 +280,9 @@ pub struct BodyReplay {
     pub outcome: ReplayOutcome,
 }
 
-/// A replayed body's outcome, named by `outcome`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum ReplayOutcome {
-    /// Committed like a new postback.
-    Accepted {
-        /// Its new envelope id.
-        id: String,
-        /// The targets it was routed to.
-        targets: Vec<String>,
-    },
-    /// The same postback was accepted before.
-    Duplicate {
-        /// The envelope id it was accepted under.
-        original_id: String,
-    },
-    /// Today's parser still refuses it.
-    StillInvalid {
-        /// Today's parse error.
-        error: String,
-    },
-    /// Only its prefix was kept: it cannot be replayed.
-    Truncated {
-        /// Why it cannot be replayed.
-        error: String,
-    },
-}
+/// A replayed body's outcome, named by `outcome`: what the quarantine's
+/// replay returns, as it is.
+pub use crate::quarantine::Replayed as ReplayOutcome;
 
 /// `POST /api/v1/dead-letters/purge` and `/api/v1/quarantine/purge`: how
 /// many were deleted; `K` is how the kind's items are named (a dead letter
